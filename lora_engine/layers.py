@@ -1,0 +1,208 @@
+"""LoRA wrappers for nn.Linear, transformers Conv1D and nn.Embedding, each holding many named adapters.
+
+A wrapper takes over the base module's own Parameter objects under their original names, so the
+model's base state_dict() keys, storages and any references to them are unchanged; only
+`<path>.lora_A.<adapter>` / `<path>.lora_B.<adapter>` keys are added.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .functional import base_linear, lora_embedding, lora_linear, lora_linear_reference
+
+BlendWeight = float | Tensor
+
+
+class LoRALayer(nn.Module):
+    """Common state: adapters (A [r, in], B [out, r]), their scales, the active blend, the merge record."""
+
+    layout = "out_in"  # how the base weight is stored; "in_out" for Conv1D and Embedding
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.weight = base.weight  # the same Parameter: same storage, same state_dict key
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.scaling: dict[str, float] = {}
+        self.dropout_p: dict[str, float] = {}
+        self.blend: dict[str, BlendWeight] = {}  # adapter -> weight (float, or [batch] tensor)
+        self.register_buffer("blend_scale", torch.empty(0), persistent=False)  # d: [R] or [batch, R]
+        self.merged = None  # a merge.MergeRecord while the delta sits in the base weight
+        object.__setattr__(self, "base_module", base)  # kept aside (not a submodule) for un-injection
+
+    # ---- sizes -----------------------------------------------------------------------------------
+    @property
+    def in_dim(self) -> int:
+        return self.weight.shape[1] if self.layout == "out_in" else self.weight.shape[0]
+
+    @property
+    def out_dim(self) -> int:
+        return self.weight.shape[0] if self.layout == "out_in" else self.weight.shape[1]
+
+    # ---- adapters --------------------------------------------------------------------------------
+    def add_adapter(self, name: str, rank: int, scale: float, dropout: float, init: str) -> None:
+        """Create A [rank, in] and B [out, rank] so that the delta starts at exactly zero."""
+        if name in self.lora_A:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        w = self.weight
+        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        A = torch.empty(rank, self.in_dim, dtype=dtype, device=w.device)
+        B = torch.zeros(self.out_dim, rank, dtype=dtype, device=w.device)
+        self._init(A, B, rank, init)
+        self.lora_A[name] = nn.Parameter(A)
+        self.lora_B[name] = nn.Parameter(B)
+        self.scaling[name] = float(scale)
+        self.dropout_p[name] = float(dropout)
+
+    def _init(self, A: Tensor, B: Tensor, rank: int, init: str) -> None:
+        if init == "gaussian":
+            nn.init.normal_(A, std=1.0 / rank)
+        else:  # "kaiming": the loralib / PEFT default
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+
+    def remove_adapter(self, name: str) -> None:
+        del self.lora_A[name], self.lora_B[name], self.scaling[name], self.dropout_p[name]
+        if name in self.blend:
+            self.set_blend({k: v for k, v in self.blend.items() if k != name})
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    # ---- blend -----------------------------------------------------------------------------------
+    def set_blend(self, weights: Mapping[str, BlendWeight]) -> None:
+        """Activate adapters with weights; builds d = w_i * s_i repeated r_i times ([R] or [batch, R])."""
+        self.blend = {k: v for k, v in weights.items() if k in self.lora_A}
+        d = self.stacked_scale(self.blend) if self.blend else torch.empty(0)
+        d = d.to(self.weight.device)
+        if d.shape == self.blend_scale.shape and d.device == self.blend_scale.device:
+            self.blend_scale.copy_(d)  # in place: a compiled graph or CUDA graph keeps reading it
+        else:
+            self.blend_scale = d
+
+    def stacked_scale(self, weights: Mapping[str, BlendWeight]) -> Tensor:
+        rows = next((w.shape[0] for w in weights.values() if isinstance(w, Tensor)), None)
+        parts = []
+        for name, w in weights.items():
+            r, s = self.lora_A[name].shape[0], self.scaling[name]
+            if isinstance(w, Tensor):
+                parts.append((w.detach().double()[:, None] * s).float().expand(rows, r))
+            elif rows is not None:
+                parts.append(torch.full((rows, r), float(w) * s))
+            else:
+                parts.append(torch.full((r,), float(w) * s))
+        return torch.cat([p.to(self.weight.device) for p in parts], dim=-1)
+
+    def stacked(self, names: list[str]) -> tuple[Tensor, Tensor]:
+        """A_cat [R, in], B_cat [out, R] of the named adapters (no copy for one adapter)."""
+        if len(names) == 1:
+            return self.lora_A[names[0]], self.lora_B[names[0]]
+        return (torch.cat([self.lora_A[n] for n in names], 0), torch.cat([self.lora_B[n] for n in names], 1))
+
+    def blend_scales(self) -> list[Tensor]:
+        """Per-adapter w_i * s_i (0-d or [batch]) for the reference path."""
+        out = []
+        for name, w in self.blend.items():
+            s = self.scaling[name]
+            out.append(w.detach().to(self.weight.device).float() * s if isinstance(w, Tensor)
+                       else torch.tensor(float(w) * s, device=self.weight.device))
+        return out
+
+    def use_reference(self) -> bool:
+        """The fast path assumes a frozen base and no dropout in the LoRA branch."""
+        frozen = not self.weight.requires_grad and not (getattr(self, "bias", None) is not None
+                                                        and self.bias.requires_grad)
+        no_dropout = not self.training or all(self.dropout_p[n] == 0.0 for n in self.blend)
+        return not (frozen and no_dropout)
+
+    def extra_repr(self) -> str:
+        ranks = {n: self.lora_A[n].shape[0] for n in self.adapters}
+        return f"in={self.in_dim}, out={self.out_dim}, adapters={ranks}, blend={self.blend}, merged={self.merged is not None}"
+
+
+class LoRALinear(LoRALayer):
+    """nn.Linear (weight [out, in]) + adapters: y = x W^T + b + ((x A^T) * d) B^T."""
+
+    layout = "out_in"
+
+    def __init__(self, base: nn.Linear):
+        super().__init__(base)
+        self.bias = base.bias
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged is not None or not self.blend:
+            return F.linear(x, self.weight, self.bias)
+        return _adapted(self, x)
+
+
+class LoRAConv1D(LoRALayer):
+    """transformers Conv1D (weight [in, out], y = x W + b) + adapters: y = x W + b + ((x A^T) * d) B^T."""
+
+    layout = "in_out"
+
+    def __init__(self, base: nn.Module):
+        super().__init__(base)
+        self.bias = base.bias
+        self.nf, self.nx = base.nf, getattr(base, "nx", base.weight.shape[0])
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged is not None or not self.blend:
+            return base_linear(x, self.weight, self.bias, "in_out")
+        return _adapted(self, x)
+
+
+def _adapted(layer: LoRALayer, x: Tensor) -> Tensor:
+    names = list(layer.blend)
+    if layer.use_reference():
+        return lora_linear_reference(x, layer.weight, layer.bias, layer.layout,
+                                     [layer.lora_A[n] for n in names], [layer.lora_B[n] for n in names],
+                                     layer.blend_scales(), [layer.dropout_p[n] for n in names], layer.training)
+    A, B = layer.stacked(names)
+    return lora_linear(x, layer.weight, layer.bias, A, B, layer.blend_scale, layer.layout)
+
+
+class LoRAEmbedding(LoRALayer):
+    """nn.Embedding (weight [num, dim]) + adapters: y = W[idx] + ((A^T)[idx] * d) B^T.
+
+    A [r, num] starts at zero and B [dim, r] Gaussian (as PEFT does for embeddings: A^T is a lookup
+    table); no dropout on the LoRA branch of an embedding.
+    """
+
+    layout = "in_out"
+
+    def __init__(self, base: nn.Embedding):
+        super().__init__(base)
+        self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
+        self.padding_idx, self.max_norm, self.norm_type = base.padding_idx, base.max_norm, base.norm_type
+        self.scale_grad_by_freq, self.sparse = base.scale_grad_by_freq, base.sparse
+
+    def _init(self, A: Tensor, B: Tensor, rank: int, init: str) -> None:
+        nn.init.zeros_(A)
+        nn.init.normal_(B, std=1.0 / rank if init == "gaussian" else 1.0)
+
+    def _kw(self) -> dict:
+        return dict(padding_idx=self.padding_idx, max_norm=self.max_norm, norm_type=self.norm_type,
+                    scale_grad_by_freq=self.scale_grad_by_freq, sparse=self.sparse)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        if self.merged is not None or not self.blend:
+            return F.embedding(idx, self.weight, **self._kw())
+        A, B = self.stacked(list(self.blend))
+        return lora_embedding(idx, self.weight, A, B, self.blend_scale, **self._kw())
+
+
+def lora_class_for(module: nn.Module) -> type[LoRALayer] | None:
+    """The wrapper for a base module, or None if this kind of module is not supported."""
+    if isinstance(module, nn.Linear):
+        return LoRALinear
+    if isinstance(module, nn.Embedding):
+        return LoRAEmbedding
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None:
+        return LoRAConv1D  # transformers.pytorch_utils.Conv1D (matched by duck type: no transformers import)
+    return None
