@@ -1,0 +1,369 @@
+"""train(): the whole LoRA training loop in one function, read top to bottom (after nanoGPT's train.py).
+
+data -> forward -> loss -> backward -> step -> log -> eval -> checkpoint. Model-specific code lives in the Task.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from . import synthetic
+from .checkpoint import (ADAPTER_FILE, STATE_FILE, best_checkpoint, clean_leftovers, latest_checkpoint,
+                         list_checkpoints, load_state, prune_checkpoints, read_meta, rng_state, set_rng_state,
+                         write_checkpoint)
+from .config import TrainConfig
+from .data import BatchStream, fixed_batches
+from .devices import AmpRecipe, amp_recipe
+from .distributed import (DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_object,
+                          cleanup_distributed, setup_distributed)
+from .metrics import PLOT_FILE, MetricsLog, plot_loss_curve
+from .schedule import warmup_cosine_scheduler
+from .task import Task
+
+FINAL_ADAPTER = "adapter.safetensors"
+BEST_ADAPTER = "adapter_best.safetensors"
+# Config keys that may change between a run and its resume without changing what is computed.
+_RESUME_FREE_KEYS = {"resume", "max_steps", "epochs", "progress", "tensorboard", "plot", "log_every",
+                     "save_every", "eval_every", "keep_last", "output_dir", "device", "compile"}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped because the loss was NaN/inf too many steps in a row."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int
+    loss: float | None              # last finite training loss
+    val_loss: float | None          # last validation loss
+    best_val_loss: float | None
+    adapter_path: Path | None       # final adapter (rank 0 only; None elsewhere)
+    last_checkpoint: Path | None
+    nonfinite_skipped: int
+    stop_reason: str                # "max_steps" or "early_stopping"
+
+
+def train(config: TrainConfig, task: Task | None = None) -> TrainResult:
+    """Train a LoRA adapter for `task` (default: the synthetic GPT-2 task) as `config` says. Under torchrun every
+    process calls this; rank 0 alone writes files. Raises NonFiniteLossError after too many NaN/inf losses."""
+    from lora_engine import LoRASpec, inject_lora, save_adapter
+
+    cfg = config
+    task = task or synthetic.make_task(cfg)
+    dist = setup_distributed(cfg.device)
+    device, main, world = dist.device, dist.is_main, dist.world_size
+    amp = amp_recipe(device, cfg.amp)
+    out_dir = Path(cfg.output_dir)
+    ckpt_root = out_dir / "checkpoints"
+    log: MetricsLog | None = None
+    bar = None
+    try:
+        # ---- output dir: refuse to mix a fresh run into an old one
+        if main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            clean_leftovers(ckpt_root)
+            if list_checkpoints(ckpt_root) and not cfg.resume:
+                raise FileExistsError(f"{out_dir} already holds checkpoints of an earlier run: pass --resume to "
+                                      "continue it, or choose a new --output-dir")
+        barrier(dist)
+
+        # ---- model: base weights, then LoRA; seeded alike on every rank (DDP also broadcasts rank 0's)
+        torch.manual_seed(cfg.seed)
+        model = task.build_model(cfg)
+        spec = LoRASpec(target_modules=cfg.lora_target_modules or task.default_target_modules,
+                        rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+        inject_lora(model, spec, adapter=cfg.adapter_name)
+        extras = task.extra_trainables(model) if task.extra_trainables else {}
+        for p in extras.values():
+            p.requires_grad_(True)
+        model.to(device)
+        named_trainables = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        params = list(named_trainables.values())
+        if not params:
+            raise RuntimeError("no trainable parameters after inject_lora: check lora_target_modules")
+
+        # ---- data
+        train_data, val_examples = task.load_data(cfg)
+        stream = BatchStream(train_data, cfg.batch_size, cfg.seed, world, dist.rank, cfg.bucket_window,
+                             cfg.length_bucketing)
+        micro_per_step = cfg.grad_accum * world
+        max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * stream.batches_per_epoch / micro_per_step))
+        val_batches = fixed_batches(val_examples, cfg.batch_size, world, dist.rank) if val_examples else []
+        has_val = bool(val_examples)
+
+        # ---- optimizer, schedule, loss scaler
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                      eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        scheduler = warmup_cosine_scheduler(optimizer, cfg.warmup_steps, max_steps, cfg.min_lr_ratio)
+        scaler = amp.grad_scaler()
+
+        # ---- resume from the newest complete checkpoint (rank 0 picks it, so all ranks agree)
+        step, best_val, evals_since_best, nonfinite_total = 0, math.inf, 0, 0
+        resume_from = broadcast_object(latest_checkpoint(ckpt_root) if cfg.resume and main else None, dist)
+        if resume_from is not None:
+            state = load_state(resume_from)
+            _warn_config_drift(state["config"], cfg.to_dict(), main)
+            with torch.no_grad():
+                for name, value in state["trainables"].items():
+                    if name not in named_trainables:
+                        raise KeyError(f"{resume_from}: trainable {name!r} does not exist in this model; was the "
+                                       "checkpoint made with other lora_target_modules or another task?")
+                    named_trainables[name].copy_(value)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            stream.load_state_dict(state["data"])
+            step, best_val = state["step"], state["best_val_loss"]
+            evals_since_best, nonfinite_total = state["evals_since_best"], state["nonfinite_total"]
+            rngs = state["rng"]
+            set_rng_state(rngs[dist.rank] if dist.rank < len(rngs) else rngs[0])
+            _say(main, f"resumed from {resume_from} at step {step}/{max_steps}")
+        else:
+            _seed_all(cfg.seed + dist.rank)  # per-rank dropout masks differ under DDP
+            if cfg.resume:
+                _say(main, f"--resume: no complete checkpoint in {ckpt_root}, starting from step 0")
+        if main:
+            (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+        # ---- wrap for data parallel and compile (both opt-in by environment / flag)
+        train_model: nn.Module = model
+        if world > 1:
+            train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        step_model = torch.compile(train_model) if cfg.compile else train_model
+
+        log = MetricsLog(out_dir, enabled=main, tensorboard=cfg.tensorboard, resume_step=step)
+        bar = _progress_bar(cfg.progress and main, step, max_steps)
+        last_loss: float | None = None
+        val_loss: float | None = None
+        last_ckpt: Path | None = resume_from
+        nonfinite_in_a_row = 0
+        stop_reason = "max_steps"
+        global_batch = cfg.batch_size * micro_per_step
+
+        while step < max_steps:
+            t0 = time.perf_counter()
+            model.train()
+            # ---- forward / backward over the accumulation micro-batches (DDP syncs grads on the last one)
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(cfg.grad_accum):
+                batch = _to_device(stream.next_batch(), device)
+                no_sync = world > 1 and micro < cfg.grad_accum - 1
+                with train_model.no_sync() if no_sync else contextlib.nullcontext():
+                    with amp.autocast():
+                        loss = task.loss_fn(step_model, batch)
+                    scaler.scale(loss / cfg.grad_accum).backward()
+                loss_sum += loss.detach().float()
+            step_loss = (all_reduce_sum(loss_sum / cfg.grad_accum, dist) / world).item()
+            lr = scheduler.get_last_lr()[0]
+
+            # ---- step: clip, update; a non-finite loss (or, without a scaler, gradient) skips the update
+            grad_norm = math.nan
+            finite = math.isfinite(step_loss)
+            if finite:
+                scaler.unscale_(optimizer)
+                max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+                finite = math.isfinite(grad_norm) or amp.use_scaler  # fp16: GradScaler skips inf grads itself
+            if finite:
+                scaler.step(optimizer)
+                scaler.update()
+                nonfinite_in_a_row = 0
+                last_loss = step_loss
+            else:
+                nonfinite_total += 1
+                nonfinite_in_a_row += 1
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+
+            # ---- log
+            dt = time.perf_counter() - t0
+            record: dict[str, Any] = {"step": step, "loss": step_loss, "lr": lr}
+            if finite:
+                record["grad_norm"] = grad_norm
+            else:
+                record.update(skipped=True, nonfinite_total=nonfinite_total)
+            if amp.use_scaler:
+                record["loss_scale"] = scaler.get_scale()
+            record["samples_per_s"] = global_batch / dt
+            if not finite or step % cfg.log_every == 0 or step == max_steps:
+                log.log(record)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{global_batch / dt:.1f}")
+            if nonfinite_in_a_row >= cfg.max_nonfinite_in_a_row:
+                raise NonFiniteLossError(
+                    f"stopping at step {step}: the loss was NaN/inf {nonfinite_in_a_row} steps in a row "
+                    f"({nonfinite_total} skipped in all). Lower --learning-rate, use --amp bf16 or none instead of "
+                    f"fp16, or check the data; the last good checkpoint is {last_ckpt}.")
+
+            # ---- eval (all ranks, sharded), early stopping
+            improved = False
+            evaluated = has_val and bool((cfg.eval_every and step % cfg.eval_every == 0) or step == max_steps)
+            if evaluated:
+                val_loss = evaluate(model, val_batches, train_data.collate, task.loss_fn, amp, dist)
+                improved = math.isfinite(val_loss) and val_loss < best_val - cfg.early_stopping_min_delta
+                if improved:
+                    best_val, evals_since_best = val_loss, 0
+                else:
+                    evals_since_best += 1
+                log.log({"step": step, "loss": step_loss, "lr": lr, "val_loss": val_loss,
+                         "best_val_loss": best_val if math.isfinite(best_val) else None})
+                if main and cfg.plot:
+                    plot_loss_curve(log.path, out_dir / PLOT_FILE)
+                if cfg.early_stopping_patience and evals_since_best >= cfg.early_stopping_patience:
+                    stop_reason = "early_stopping"
+                    _say(main, f"early stopping at step {step}: no val_loss improvement in {evals_since_best} evals")
+
+            # ---- checkpoint: every save_every steps, on a new best, and at the end
+            done = step >= max_steps or stop_reason != "max_steps"
+            if (cfg.save_every and step % cfg.save_every == 0) or improved or done:
+                state = {
+                    "step": step, "trainables": {n: p.detach().cpu().clone() for n, p in named_trainables.items()},
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(), "data": stream.state_dict(),
+                    "best_val_loss": best_val, "evals_since_best": evals_since_best,
+                    "nonfinite_total": nonfinite_total, "config": cfg.to_dict(), "world_size": world,
+                }
+                # val_loss only when measured at this step: pruning keeps the checkpoint with the lowest one
+                meta = {"val_loss": val_loss if evaluated else None, "train_loss": last_loss}
+                summary = _summary(cfg, task, amp, step, max_steps, last_loss, val_loss, best_val, world,
+                                   nonfinite_total, stream)
+                last_ckpt = save_checkpoint(ckpt_root, step, model, cfg.adapter_name, state, meta, summary,
+                                            extras, dist, save_adapter, cfg.keep_last)
+            if stop_reason != "max_steps":
+                break
+
+        # ---- final artifacts: the adapter, the best adapter, the loss curve
+        adapter_path = None
+        if main:
+            adapter_path = out_dir / FINAL_ADAPTER
+            _check_finite(named_trainables)
+            save_adapter(model, str(adapter_path), adapter=cfg.adapter_name,
+                         training_summary=_summary(cfg, task, amp, step, max_steps, last_loss, val_loss, best_val,
+                                                   world, nonfinite_total, stream),
+                         extra_tensors=_extra_tensors(extras))
+            best = best_checkpoint(ckpt_root)
+            if best is not None:
+                tmp = out_dir / (BEST_ADAPTER + ".tmp")
+                shutil.copyfile(best / ADAPTER_FILE, tmp)
+                tmp.replace(out_dir / BEST_ADAPTER)
+            if cfg.plot:
+                plot_loss_curve(log.path, out_dir / PLOT_FILE)
+        barrier(dist)
+        return TrainResult(step, last_loss, val_loss, best_val if math.isfinite(best_val) else None,
+                           adapter_path, last_ckpt, nonfinite_total, stop_reason)
+    finally:
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+        cleanup_distributed(dist)
+
+
+def evaluate(model: nn.Module, batches: list[list[Any]], collate: Any, loss_fn: Any, amp: AmpRecipe,
+             dist: DistInfo) -> float:
+    """Mean validation loss over all examples of all ranks (each rank evaluates its shard of batches)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of loss * examples, examples]
+    with torch.no_grad():
+        for examples in batches:
+            with amp.autocast():
+                loss = loss_fn(model, _to_device(collate(examples), device))
+            totals[0] += loss.double() * len(examples)
+            totals[1] += len(examples)
+    all_reduce_sum(totals, dist)
+    model.train(was_training)
+    return (totals[0] / totals[1]).item() if totals[1] > 0 else math.nan
+
+
+def save_checkpoint(root: Path, step: int, model: nn.Module, adapter: str, state: dict[str, Any],
+                    meta: dict[str, Any], summary: dict[str, Any], extras: dict[str, nn.Parameter],
+                    dist: DistInfo, save_adapter: Any, keep_last: int) -> Path:
+    """Collective: gathers every rank's RNG state; rank 0 writes the checkpoint atomically and prunes old ones."""
+    _check_finite({n: p for n, p in model.named_parameters() if p.requires_grad})
+    state["rng"] = all_gather_objects(rng_state(), dist)
+    path = root / f"step-{step:08d}"
+    if dist.is_main:
+        def write_files(tmp: Path) -> None:
+            save_adapter(model, str(tmp / ADAPTER_FILE), adapter=adapter, training_summary=summary,
+                         extra_tensors=_extra_tensors(extras))
+            torch.save(state, tmp / STATE_FILE)
+
+        path = write_checkpoint(root, step, write_files, meta)
+        prune_checkpoints(root, keep_last)
+    barrier(dist)
+    return path
+
+
+def _check_finite(named: dict[str, torch.Tensor]) -> None:
+    bad = [n for n, p in named.items() if not torch.isfinite(p).all()]
+    if bad:
+        raise FloatingPointError(f"refusing to save: non-finite values in {bad[:5]}{' ...' if len(bad) > 5 else ''}"
+                                 "; lower the learning rate or use --amp bf16/none")
+
+
+def _extra_tensors(extras: dict[str, nn.Parameter]) -> dict[str, torch.Tensor] | None:
+    return {n: p.detach().cpu().contiguous() for n, p in extras.items()} or None
+
+
+def _summary(cfg: TrainConfig, task: Task, amp: AmpRecipe, step: int, max_steps: int, loss: float | None,
+             val_loss: float | None, best_val: float, world: int, nonfinite: int, stream: BatchStream) -> dict:
+    """What goes into the adapter header: enough to tell how it was trained."""
+    return {"task": task.name, "steps": step, "max_steps": max_steps, "train_loss": loss, "val_loss": val_loss,
+            "best_val_loss": best_val if math.isfinite(best_val) else None, "learning_rate": cfg.learning_rate,
+            "global_batch": cfg.batch_size * cfg.grad_accum * world, "world_size": world, "amp": amp.name,
+            "seed": cfg.seed, "epochs_seen": stream.epoch + stream.offset / max(1, stream.batches_per_epoch),
+            "nonfinite_skipped": nonfinite, "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha}
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _say(main: bool, msg: str) -> None:
+    if main:
+        print(f"[train] {msg}", file=sys.stderr, flush=True)
+
+
+def _warn_config_drift(saved: dict[str, Any], current: dict[str, Any], main: bool) -> None:
+    changed = sorted(k for k in set(saved) | set(current)
+                     if k not in _RESUME_FREE_KEYS and saved.get(k) != current.get(k))
+    if changed:
+        _say(main, f"warning: resuming with changed settings {changed}; the run will not match an "
+                   "uninterrupted one")
+
+
+def _progress_bar(enabled: bool, step: int, total: int) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
