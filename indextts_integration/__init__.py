@@ -1,0 +1,1 @@
+"""Everything that knows UnifiedVoice / IndexTTS2: model-dir loaders, tiny checkpoint, data preparation."""
