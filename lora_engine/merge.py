@@ -147,3 +147,20 @@ def unmerge(model: nn.Module) -> list[str]:
 def merge_memory_bytes(model: nn.Module) -> int:
     """Bytes currently held to make unmerge exact (see the module docstring for the breakdown)."""
     return sum(layer.merged.nbytes() for layer in lora_layers(model).values() if layer.merged is not None)
+
+
+@torch.no_grad()
+def base_weight(layer: LoRALayer) -> Tensor:
+    """The layer's base weight without its merged delta, leaving the model unchanged.
+
+    Not merged: the weight itself (no copy). Merged: a restored copy, bit for bit what unmerge() would
+    write back (same math), e.g. to fingerprint the base of a merged model.
+    """
+    W = layer.weight.detach()
+    rec = layer.merged
+    if rec is None:
+        return W
+    back = (W.float() - delta_weight(rec.A, rec.B, rec.d, layer.layout)).to(W.dtype)
+    restored = (_bits(back) + rec.correction.to(torch.int64)).to(_BITS[W.dtype]).view(W.dtype)
+    restored.view(-1)[rec.overflow_index] = rec.overflow_value
+    return restored
