@@ -120,14 +120,13 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 
 def best_checkpoint(root: str | Path) -> Path | None:
-    """The complete checkpoint with the lowest val_loss in its meta (None when no checkpoint has one)."""
-    scored = [(read_meta(p).get("val_loss"), p) for p in list_checkpoints(root)]
-    scored = [(v, p) for v, p in scored if v is not None]
-    return min(scored, key=lambda vp: vp[0])[1] if scored else None
+    """The newest complete checkpoint written on a validation improvement (meta "is_best"), or None."""
+    best = [p for p in list_checkpoints(root) if read_meta(p).get("is_best")]
+    return best[-1] if best else None
 
 
 def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
-    """Delete complete checkpoints except the newest `keep_last` and the best by val_loss; return the deleted."""
+    """Delete complete checkpoints except the newest `keep_last` and the best one; return the deleted."""
     ckpts = list_checkpoints(root)
     keep = set(ckpts[-keep_last:]) if keep_last > 0 else set()
     best = best_checkpoint(root)

@@ -238,8 +238,8 @@ def train(config: TrainConfig, task: Task | None = None) -> TrainResult:
                     "best_val_loss": best_val, "evals_since_best": evals_since_best,
                     "nonfinite_total": nonfinite_total, "config": cfg.to_dict(), "world_size": world,
                 }
-                # val_loss only when measured at this step: pruning keeps the checkpoint with the lowest one
-                meta = {"val_loss": val_loss if evaluated else None, "train_loss": last_loss}
+                # val_loss only when measured at this step; is_best marks the one that pruning keeps
+                meta = {"val_loss": val_loss if evaluated else None, "train_loss": last_loss, "is_best": improved}
                 summary = _summary(cfg, task, amp, step, max_steps, last_loss, val_loss, best_val, world,
                                    nonfinite_total, stream)
                 last_ckpt = save_checkpoint(ckpt_root, step, model, cfg.adapter_name, state, meta, summary,
