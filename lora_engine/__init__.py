@@ -4,9 +4,12 @@ from .inject import adapter_names, adapter_specs, inject_lora, lora_layers, remo
 from .layers import LoRAConv1D, LoRAEmbedding, LoRALayer, LoRALinear
 from .merge import merge, merge_memory_bytes, unmerge
 from .spec import LoRASpec
+from .adapter_io import save_adapter, load_adapter
+from .peft_compat import export_peft, import_peft
 
 __all__ = [
     "LoRASpec", "inject_lora", "set_blend", "get_blend", "merge", "unmerge", "remove_adapter", "uninject_lora",
     "lora_layers", "adapter_names", "adapter_specs", "merge_memory_bytes",
     "LoRALayer", "LoRALinear", "LoRAConv1D", "LoRAEmbedding",
+    "save_adapter", "load_adapter", "export_peft", "import_peft",
 ]
