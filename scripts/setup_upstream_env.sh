@@ -16,9 +16,13 @@ REQUIREMENTS=(
   "sentencepiece" "librosa" "json5" "omegaconf" "munch" "matplotlib" "modelscope" "WeTextProcessing"
   "soundfile" "safetensors" "pyyaml" "tqdm" "numpy" "pytest" "hypothesis" "tensorboard"
   "setuptools>=68" "wheel"  # for the editable install of our package without build isolation
+  # s2mel imports indextts.s2mel.dac, which imports descript-audiotools (installed --no-deps below: its
+  # protobuf<3.20 pin breaks tensorboard); these are the modules its import actually needs.
+  "flatten-dict" "julius" "ffmpy" "rich" "pyloudnorm" "randomname" "argbind" "markdown2" "importlib-resources"
 )
 UPSTREAM_PKG="indextts2-cli==1.0.2"
-REQ_HASH=$(printf '%s\n' "${REQUIREMENTS[@]}" "$UPSTREAM_PKG" "$($PYTHON -c 'import sys; print(sys.version_info[:2])')" \
+NO_DEPS_PKGS=("$UPSTREAM_PKG" "descript-audiotools==0.7.2")
+REQ_HASH=$(printf '%s\n' "${REQUIREMENTS[@]}" "${NO_DEPS_PKGS[@]}" "$($PYTHON -c 'import sys; print(sys.version_info[:2])')" \
   | sha256sum | cut -c1-16)
 STAMP="$VENV/.indextts-lora-stamp"
 
@@ -53,7 +57,7 @@ else
   export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
   # One resolver call for all dependencies: the fastest path.
   "$VENV/bin/pip" install -q "${REQUIREMENTS[@]}" 2> >(quiet_pip >&2)
-  "$VENV/bin/pip" install -q --no-deps "$UPSTREAM_PKG" 2> >(quiet_pip >&2)
+  "$VENV/bin/pip" install -q --no-deps "${NO_DEPS_PKGS[@]}" 2> >(quiet_pip >&2)
   echo "$REQ_HASH" > "$STAMP"
 fi
 
@@ -64,7 +68,9 @@ PIP_DISABLE_PIP_VERSION_CHECK=1 "$VENV/bin/pip" install -q --no-deps --no-build-
 # Smoke check: the upstream modules our integration imports must load on CPU.
 "$VENV/bin/python" - <<'PY'
 import importlib
-for name in ("indextts.gpt.model_v2", "indextts.infer_v2", "indextts.utils.front", "indextts.utils.maskgct_utils"):
+for name in ("indextts.gpt.model_v2", "indextts.infer_v2", "indextts.utils.front", "indextts.utils.maskgct_utils",
+             "indextts.s2mel.modules.length_regulator", "indextts.s2mel.modules.flow_matching",
+             "indextts.s2mel.modules.campplus.DTDNN", "indextts.s2mel.modules.bigvgan.bigvgan"):
     importlib.import_module(name)
 from indextts.gpt.model_v2 import UnifiedVoice  # noqa: F401
 import torch, transformers
