@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import random
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -59,7 +60,8 @@ class TrainResult:
 def train(config: TrainConfig, task: Task | None = None) -> TrainResult:
     """Train a LoRA adapter for `task` (default: the synthetic GPT-2 task) as `config` says. Under torchrun every
     process calls this; rank 0 alone writes files. Raises NonFiniteLossError after too many NaN/inf losses."""
-    from lora_engine import LoRASpec, inject_lora, save_adapter
+    from lora_engine import LoRASpec, inject_lora
+    from lora_engine.adapter_io import base_fingerprint, save_adapter
 
     cfg = config
     task = task or synthetic.make_task(cfg)
@@ -85,11 +87,15 @@ def train(config: TrainConfig, task: Task | None = None) -> TrainResult:
         model = task.build_model(cfg)
         spec = LoRASpec(target_modules=cfg.lora_target_modules or task.default_target_modules,
                         rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
-        inject_lora(model, spec, adapter=cfg.adapter_name)
+        targets = inject_lora(model, spec, adapter=cfg.adapter_name)
         extras = task.extra_trainables(model) if task.extra_trainables else {}
         for p in extras.values():
             p.requires_grad_(True)
         model.to(device)
+        # The base is frozen: hash it once here rather than in every save_adapter call (a second per save at
+        # IndexTTS2 size).
+        fingerprint = base_fingerprint(model, list(targets)) if main else None
+        save = functools.partial(save_adapter, adapter=cfg.adapter_name, fingerprint=fingerprint)
         named_trainables = {n: p for n, p in model.named_parameters() if p.requires_grad}
         params = list(named_trainables.values())
         if not params:
@@ -242,8 +248,8 @@ def train(config: TrainConfig, task: Task | None = None) -> TrainResult:
                 meta = {"val_loss": val_loss if evaluated else None, "train_loss": last_loss, "is_best": improved}
                 summary = _summary(cfg, task, amp, step, max_steps, last_loss, val_loss, best_val, world,
                                    nonfinite_total, stream)
-                last_ckpt = save_checkpoint(ckpt_root, step, model, cfg.adapter_name, state, meta, summary,
-                                            extras, dist, save_adapter, cfg.keep_last)
+                last_ckpt = save_checkpoint(ckpt_root, step, model, state, meta, summary, extras, dist, save,
+                                            cfg.keep_last)
             if stop_reason != "max_steps":
                 break
 
@@ -252,10 +258,10 @@ def train(config: TrainConfig, task: Task | None = None) -> TrainResult:
         if main:
             adapter_path = out_dir / FINAL_ADAPTER
             _check_finite(named_trainables)
-            save_adapter(model, str(adapter_path), adapter=cfg.adapter_name,
-                         training_summary=_summary(cfg, task, amp, step, max_steps, last_loss, val_loss, best_val,
-                                                   world, nonfinite_total, stream),
-                         extra_tensors=_extra_tensors(extras))
+            save(model, str(adapter_path),
+                 training_summary=_summary(cfg, task, amp, step, max_steps, last_loss, val_loss, best_val,
+                                           world, nonfinite_total, stream),
+                 extra_tensors=_extra_tensors(extras))
             best = best_checkpoint(ckpt_root)
             if best is not None:
                 tmp = out_dir / (BEST_ADAPTER + ".tmp")
@@ -292,16 +298,17 @@ def evaluate(model: nn.Module, batches: list[list[Any]], collate: Any, loss_fn: 
     return (totals[0] / totals[1]).item() if totals[1] > 0 else math.nan
 
 
-def save_checkpoint(root: Path, step: int, model: nn.Module, adapter: str, state: dict[str, Any],
-                    meta: dict[str, Any], summary: dict[str, Any], extras: dict[str, nn.Parameter],
-                    dist: DistInfo, save_adapter: Any, keep_last: int) -> Path:
-    """Collective: gathers every rank's RNG state; rank 0 writes the checkpoint atomically and prunes old ones."""
+def save_checkpoint(root: Path, step: int, model: nn.Module, state: dict[str, Any], meta: dict[str, Any],
+                    summary: dict[str, Any], extras: dict[str, nn.Parameter], dist: DistInfo,
+                    save_adapter: Callable[..., Any], keep_last: int) -> Path:
+    """Collective: gathers every rank's RNG state; rank 0 writes the checkpoint atomically and prunes old ones.
+    `save_adapter(model, path, training_summary=..., extra_tensors=...)` writes the adapter file."""
     _check_finite({n: p for n, p in model.named_parameters() if p.requires_grad})
     state["rng"] = all_gather_objects(rng_state(), dist)
     path = root / f"step-{step:08d}"
     if dist.is_main:
         def write_files(tmp: Path) -> None:
-            save_adapter(model, str(tmp / ADAPTER_FILE), adapter=adapter, training_summary=summary,
+            save_adapter(model, str(tmp / ADAPTER_FILE), training_summary=summary,
                          extra_tensors=_extra_tensors(extras))
             torch.save(state, tmp / STATE_FILE)
 
