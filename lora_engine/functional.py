@@ -13,6 +13,7 @@ w_i * s_i repeated r_i times, so the blend is one pair of GEMMs and exactly sum_
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -50,55 +51,106 @@ def check_rows(x: Tensor, d: Tensor) -> None:
                          f"{tuple(x.shape)}: give one weight per row of dim 0, or use float weights")
 
 
-def _fused_forward(x, weight, bias, A, B, d, layout):
-    """y = base(x) accumulated with the LoRA term into the same output buffer (no extra pass)."""
+def _mm(a: Tensor, b: Tensor, alpha: float, out_dtype: torch.dtype) -> Tensor:
+    """alpha * (a @ b) as `out_dtype`: one kernel on CUDA (fp32 output straight from the bf16/fp16 GEMM)."""
+    if a.is_cuda and a.dtype != out_dtype and not torch.compiler.is_compiling() and _mixed_addmm(a.device.type):
+        out = a.new_empty(a.shape[0], b.shape[1], dtype=out_dtype)
+        return torch.addmm(out, a, b, out_dtype=out_dtype, beta=0, alpha=alpha)
+    out = a @ b if alpha == 1.0 else torch.addmm(a.new_empty(a.shape[0], b.shape[1]), a, b, beta=0, alpha=alpha)
+    return out.to(out_dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _mixed_addmm(device_type: str) -> bool:
+    """Whether this torch has addmm(..., out_dtype=float32) for bf16 inputs on this device (probed once)."""
+    try:
+        a = torch.ones(2, 2, device=device_type, dtype=torch.bfloat16)
+        torch.addmm(a.new_empty(2, 2, dtype=torch.float32), a, a, out_dtype=torch.float32, beta=0, alpha=2.0)
+        return True
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+class _LoRALinearFn(torch.autograd.Function):
+    """Frozen-base LoRA with a hand-written backward.
+
+    Forward: y = base(x), then y += (x A^T * d) B^T accumulated into the same buffer (addmm_, no extra pass).
+    Saved: x (cast once), A/B cast once, and h = x A^T ([N, R]: R/out of y's size; recomputing it would cost a
+    kernel launch per layer, which is what dominates at these shapes). The base weight is NOT saved in the
+    compute dtype: it is recast in backward (no copy at all when the base is stored in that dtype).
+    `s` (a float) is the scale when the blend is one uniform scale: folded into the GEMMs' alpha, no kernels.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, d, s, layout):
+        ct = compute_dtype(x)
+        x2 = x.reshape(-1, x.shape[-1]).to(ct)
+        w = weight.to(ct)
+        wt = w.t() if layout == "out_in" else w
+        y = torch.addmm(bias.to(ct), x2, wt) if bias is not None else x2 @ wt
+        Ac, Bc = A.to(ct), B.to(ct)
+        h = x2 @ Ac.t()
+        if s is None:
+            y.addmm_(scale_rows(h, d.to(ct), x.shape[0]), Bc.t())
+        else:
+            y.addmm_(h, Bc.t(), alpha=s)
+        ctx.save_for_backward(x2, weight, Ac, Bc, h, d)
+        ctx.s, ctx.layout, ctx.x_shape, ctx.x_dtype = s, layout, x.shape, x.dtype
+        ctx.grad_dtypes = (A.dtype, B.dtype)  # gradients go back in the parameters' dtype (fp32 masters)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, Ac, Bc, h, d = ctx.saved_tensors
+        ct, batch, s = x2.dtype, ctx.x_shape[0], ctx.s
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(ct)
+        u = dy2 @ Bc  # [N, R]; dL/d(x A^T) = u * d
+        if s is None:
+            dc = d.to(ct)
+            u, h, s = scale_rows(u, dc, batch), scale_rows(h, dc, batch), 1.0
+        dx = dA = dB = None
+        if ctx.needs_input_grad[0]:
+            w = weight.to(ct)
+            dx = dy2 @ (w if ctx.layout == "out_in" else w.t())
+            dx.addmm_(u, Ac, alpha=s)
+            dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
+        if ctx.needs_input_grad[3]:
+            dA = _mm(u.t(), x2, s, ctx.grad_dtypes[0])
+        if ctx.needs_input_grad[4]:
+            dB = _mm(dy2.t(), h, s, ctx.grad_dtypes[1])
+        return dx, None, None, dA, dB, None, None, None
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, d: Tensor,
+                layout: str, s: float | None = None) -> Tensor:
+    """Fast path for a frozen base: y = base(x) + ((x A^T) * d) B^T in one output buffer.
+
+    `s`: when not None, d is that one uniform scale (the usual single-adapter case), applied in training as the
+    GEMMs' alpha. Under no_grad this is the uncached inference form (layers cache the cast factors and call
+    `lora_linear_cached`).
+    """
+    check_rows(x, d)
+    if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad):
+        return _LoRALinearFn.apply(x, weight, bias, A, B, d, s, layout)
     ct = compute_dtype(x)
+    Bd = B.float() * d.float() if d.dim() == 1 else B.float()  # d as a tensor: no recompile when it changes
+    return lora_linear_cached(x, weight, bias, A.to(ct), Bd.to(ct), None if d.dim() == 1 else d, layout)
+
+
+def lora_linear_cached(x: Tensor, weight: Tensor, bias: Tensor | None, Ac: Tensor, Bd: Tensor,
+                       rows: Tensor | None, layout: str) -> Tensor:
+    """Inference: y = base(x) + ((x Ac^T) [* rows]) Bd^T with factors already cast (and d folded into Bd
+    unless it is per row): two small GEMMs and nothing else per layer."""
+    ct = Ac.dtype
     x2 = x.reshape(-1, x.shape[-1]).to(ct)
     w = weight.to(ct)
     wt = w.t() if layout == "out_in" else w
     y = torch.addmm(bias.to(ct), x2, wt) if bias is not None else x2 @ wt
-    h = scale_rows(x2 @ A.to(ct).t(), d.to(ct), x.shape[0])
-    y.addmm_(h, B.to(ct).t())
-    return y.view(*x.shape[:-1], y.shape[-1]), x2, w
-
-
-class _LoRALinearFn(torch.autograd.Function):
-    """Frozen-base LoRA with a hand-written backward: saves only x (cast once), recomputes x A^T."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, A, B, d, layout):
-        y, x2, w = _fused_forward(x, weight, bias, A, B, d, layout)
-        ctx.save_for_backward(x2, w, A, B, d)
-        ctx.layout, ctx.x_shape, ctx.x_dtype = layout, x.shape, x.dtype
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2, w, A, B, d = ctx.saved_tensors
-        ct, batch = x2.dtype, ctx.x_shape[0]
-        dy2 = dy.reshape(-1, dy.shape[-1]).to(ct)
-        Ac, Bc, dc = A.to(ct), B.to(ct), d.to(ct)
-        g = scale_rows(dy2 @ Bc, dc, batch)  # dL/d(x A^T)  [N, R]
-        dx = dA = dB = None
-        if ctx.needs_input_grad[0]:
-            dx = dy2 @ (w if ctx.layout == "out_in" else w.t())
-            dx.addmm_(g, Ac)
-            dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
-        if ctx.needs_input_grad[3]:
-            dA = (g.t() @ x2).to(A.dtype)
-        if ctx.needs_input_grad[4]:
-            h = scale_rows(x2 @ Ac.t(), dc, batch)  # recomputed here instead of stored in forward
-            dB = (dy2.t() @ h).to(B.dtype)
-        return dx, None, None, dA, dB, None, None
-
-
-def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, d: Tensor,
-                layout: str) -> Tensor:
-    """Fast path for a frozen base: y = base(x) + ((x A^T) * d) B^T in one output buffer."""
-    check_rows(x, d)
-    if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad):
-        return _LoRALinearFn.apply(x, weight, bias, A, B, d, layout)
-    return _fused_forward(x, weight, bias, A, B, d, layout)[0]
+    h = x2 @ Ac.t()
+    if rows is not None:
+        h = scale_rows(h, rows.to(ct), x.shape[0])
+    y.addmm_(h, Bd.t())
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def lora_linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None, layout: str,

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import base_linear, lora_embedding, lora_linear, lora_linear_reference
+from .functional import (base_linear, check_rows, compute_dtype, lora_embedding, lora_linear, lora_linear_cached,
+                         lora_linear_reference)
 
 BlendWeight = float | Tensor
 
@@ -33,6 +34,8 @@ class LoRALayer(nn.Module):
         self.blend: dict[str, BlendWeight] = {}  # adapter -> weight (float, or [batch] tensor)
         self.register_buffer("blend_scale", torch.empty(0), persistent=False)  # d: [R] or [batch, R]
         self.merged = None  # a merge.MergeRecord while the delta sits in the base weight
+        self.uniform_scale: float | None = None  # d when it is one value for every rank (training: GEMM alpha)
+        self._factors = None  # inference cache: (key, A_cat cast, B_cat * d cast); see inference_factors
         object.__setattr__(self, "base_module", base)  # kept aside (not a submodule) for un-injection
 
     # ---- sizes -----------------------------------------------------------------------------------
@@ -84,6 +87,36 @@ class LoRALayer(nn.Module):
             self.blend_scale.copy_(d)  # in place: a compiled graph or CUDA graph keeps reading it
         else:
             self.blend_scale = d
+        scales = {float(w) * self.scaling[n] for n, w in self.blend.items() if not isinstance(w, Tensor)}
+        per_row = any(isinstance(w, Tensor) for w in self.blend.values())
+        self.uniform_scale = scales.pop() if len(scales) == 1 and not per_row else None
+        if self._factors is not None and self.blend:
+            self.inference_factors(self._factors[1].dtype)  # refresh in place for captured CUDA graphs
+
+    def inference_factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(A_cat, B_cat * d) in `dtype` for no-grad forwards (B_cat alone when d is per row), cached.
+
+        Rebuilt when an adapter's tensors or the blend change (tracked by their version counters), and written
+        into the same storage when the shapes allow, so a CUDA graph captured earlier sees the new values.
+        """
+        names = tuple(self.blend)
+        key = (dtype, names, self.blend_scale._version,
+               tuple((self.lora_A[n]._version, self.lora_B[n]._version) for n in names))
+        cache = self._factors
+        if cache is not None and cache[0] == key:
+            return cache[1], cache[2]
+        with torch.no_grad():
+            A, B = self.stacked(list(names))
+            d = self.blend_scale
+            Bd = B.float() * d.float() if d.dim() == 1 else B.float()
+            Ac, Bd = A.to(dtype, copy=True), Bd.to(dtype, copy=True)  # copies: never aliases of the parameters
+            if cache is not None and cache[1].shape == Ac.shape and cache[2].shape == Bd.shape \
+                    and cache[1].dtype == dtype and cache[1].device == Ac.device:
+                cache[1].copy_(Ac)
+                cache[2].copy_(Bd)
+                Ac, Bd = cache[1], cache[2]
+        self._factors = (key, Ac, Bd)
+        return Ac, Bd
 
     def stacked_scale(self, weights: Mapping[str, BlendWeight]) -> Tensor:
         rows = next((w.shape[0] for w in weights.values() if isinstance(w, Tensor)), None)
@@ -158,13 +191,18 @@ class LoRAConv1D(LoRALayer):
 
 
 def _adapted(layer: LoRALayer, x: Tensor) -> Tensor:
-    names = list(layer.blend)
     if layer.use_reference():
+        names = list(layer.blend)
         return lora_linear_reference(x, layer.weight, layer.bias, layer.layout,
                                      [layer.lora_A[n] for n in names], [layer.lora_B[n] for n in names],
                                      layer.blend_scales(), [layer.dropout_p[n] for n in names], layer.training)
-    A, B = layer.stacked(names)
-    return lora_linear(x, layer.weight, layer.bias, A, B, layer.blend_scale, layer.layout)
+    d = layer.blend_scale
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        A, B = layer.stacked(list(layer.blend))
+        return lora_linear(x, layer.weight, layer.bias, A, B, d, layer.layout, layer.uniform_scale)
+    check_rows(x, d)  # no grad, eager: cached cast factors, two small GEMMs per layer
+    Ac, Bd = layer.inference_factors(compute_dtype(x))
+    return lora_linear_cached(x, layer.weight, layer.bias, Ac, Bd, d if d.dim() == 2 else None, layer.layout)
 
 
 class LoRAEmbedding(LoRALayer):
