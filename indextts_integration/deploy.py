@@ -13,6 +13,7 @@ Live path traps handled here:
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from lora_engine import adapter_names, load_adapter, lora_layers, merge, set_blend, unmerge
+from lora_engine.adapter_io import META_KEY
 from lora_engine.atomic import atomic_open, atomic_write_bytes
 
 LICENSE_NOTICE = (
@@ -53,20 +55,42 @@ def _is_float(s: str) -> bool:
 
 def load_adapters(gpt: nn.Module, adapters: Sequence[tuple[str | os.PathLike, float]],
                   strict_base: bool = True) -> dict[str, float]:
-    """Load adapter files into a UnifiedVoice under their file stems; returns {name: weight}."""
+    """Load adapter files into a UnifiedVoice; returns {name: weight}.
+
+    Each adapter keeps the name stored in its file (train.py's --adapter-name); when that name is already
+    taken (e.g. two files both called "adapter"), the file stem is used, then stem_2, stem_3, ...
+    """
     blend: dict[str, float] = {}
     for path, weight in adapters:
-        name = _unique_name(Path(path).stem.replace(".", "_"), set(adapter_names(gpt)) | set(blend))
+        taken = set(adapter_names(gpt)) | set(blend)
+        name = _free_name([_name_in_file(path), Path(path).stem.replace(".", "_")], taken)
         load_adapter(gpt, path, adapter=name, strict_base=strict_base)
         blend[name] = float(weight)
     return blend
 
 
-def _unique_name(stem: str, taken: set[str]) -> str:
-    name, k = stem, 2
-    while name in taken:
-        name, k = f"{stem}_{k}", k + 1
-    return name
+def _name_in_file(path: str | os.PathLike) -> str | None:
+    """The adapter name in a file's header (header only), None when unreadable (load_adapter then says why)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            name = json.loads((f.metadata() or {})[META_KEY])["adapter"]
+    except Exception:  # noqa: BLE001 - a bad file is reported by load_adapter with the full reason
+        return None
+    return name if isinstance(name, str) and name and "." not in name else None
+
+
+def _free_name(candidates: Sequence[str | None], taken: set[str]) -> str:
+    """The first candidate not taken, else the last one with the smallest free _2, _3, ... suffix."""
+    names = [c for c in candidates if c]
+    for name in names:
+        if name not in taken:
+            return name
+    stem, k = names[-1], 2
+    while f"{stem}_{k}" in taken:
+        k += 1
+    return f"{stem}_{k}"
 
 
 # ---- merged gpt.pth --------------------------------------------------------------------------------------
@@ -101,7 +125,7 @@ def write_merged_gpt(model_dir: str | os.PathLike, adapters: Sequence[tuple[str 
     output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(output) as f:
         torch.save(state, f)
-    (output.parent / (output.name + ".LICENSE.txt")).write_text(LICENSE_NOTICE + "\n")
+    atomic_write_bytes(output.parent / (output.name + ".LICENSE.txt"), (LICENSE_NOTICE + "\n").encode())
     if write_config:
         _write_config(model_dir, cfg, output)
     return output
@@ -176,3 +200,20 @@ def set_voice_blend(tts: Any, weights: Mapping[str, float | torch.Tensor]) -> No
     if weights:
         merge(tts.gpt)
     _mirror_into_accel(tts)
+
+
+def load_indextts2(model_dir: str | os.PathLike, lora_path: str | os.PathLike | Sequence[tuple[str, float]] | None = None,
+                   device: str = "cpu", use_fp16: bool = False, use_accel: bool = False,
+                   use_deepspeed: bool = False, strict_base: bool = True) -> Any:
+    """IndexTTS2 from a model dir (no download), with one adapter or a weighted blend of several applied.
+
+    `lora_path`: an adapter file, or [(path, weight), ...]. Voices can be switched later without reloading
+    with set_voice_blend(tts, {...}) (names: see load_adapters).
+    """
+    from indextts_integration.upstream_tts import build_indextts2
+
+    tts = build_indextts2(model_dir, device=device, use_fp16=use_fp16, use_accel=use_accel,
+                          use_deepspeed=use_deepspeed)
+    if lora_path is not None:
+        apply_adapter(tts, lora_path, strict_base=strict_base)
+    return tts
