@@ -44,9 +44,18 @@ def main(argv: list[str] | None = None) -> int:
     for path, _ in adapters:
         if not Path(path).is_file():
             sys.exit(f"error: adapter file {path} does not exist")
+    from indextts_integration.model_dir import ModelDirError
+    from lora_engine.adapter_io import AdapterFileError, BaseMismatchError
+
     start = time.perf_counter()
-    out = write_merged_gpt(args.model_dir, adapters, args.output, write_config=args.write_config,
-                           strict_base=not args.force_base)
+    try:
+        out = write_merged_gpt(args.model_dir, adapters, args.output, write_config=args.write_config,
+                               strict_base=not args.force_base)
+    except BaseMismatchError as exc:
+        sys.exit(f"error: {exc}\nNothing was written. Merge it into the gpt.pth it was trained on, or pass "
+                 "--force-base to merge anyway.")
+    except (AdapterFileError, ModelDirError) as exc:
+        sys.exit(f"error: {exc}\nNothing was written.")
     mix = ", ".join(f"{Path(p).name} x {w:g}" for p, w in adapters)
     print(f"merged {mix} into {out} in {time.perf_counter() - start:.1f} s")
     print(LICENSE_NOTICE)
