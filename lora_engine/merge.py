@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .blend import check_weights
 from .functional import delta_weight
 from .inject import lora_layers
+from .kernels import merge_triton
 from .layers import LoRALayer
 
 _BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
@@ -42,6 +43,19 @@ class MergeRecord:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in
                    (self.A, self.B, self.d, self.correction, self.overflow_index, self.overflow_value))
+
+
+@dataclasses.dataclass
+class FusedMergeRecord:
+    """A layer merged by the grouped CUDA kernels (kernels/merge_triton.py): the group holds the factor
+    snapshot, the int8 corrections and the overflow list of all its layers; `slot` is this layer's index."""
+
+    weights: dict[str, float]
+    group: "merge_triton.Group"
+    slot: int
+
+    def nbytes(self) -> int:
+        return self.group.nbytes() // len(self.group.weights)
 
 
 def _bits(t: Tensor) -> Tensor:
@@ -105,11 +119,50 @@ def merge(model: nn.Module, weights: Mapping[str, float] | None = None) -> list[
     plan = _plan(model, weights)
     if not plan:
         raise ValueError("nothing to merge: no adapter is active and no weights were given")
+    if _fused_applies(plan):
+        _merge_fused(plan)
+        return [path for path, _, _ in plan]
     stacks = [_stacked(layer, mix) for _, layer, mix in plan]
     _refuse_non_finite(plan, stacks)
     for (_, layer, mix), (A, B, d) in zip(plan, stacks):
         layer.merged = _merge_layer(layer, mix, A, B, d)
     return [path for path, _, _ in plan]
+
+
+def _fused_applies(plan) -> bool:
+    """CUDA weights, fp32 factors and one rank per layer's mix: the grouped kernels take it."""
+    if merge_triton.triton is None:
+        return False
+    factors = [layer.lora_A[n] for _, layer, mix in plan for n in mix] + \
+              [layer.lora_B[n] for _, layer, mix in plan for n in mix]
+    same_rank = all(len({layer.lora_A[n].shape[0] for n in mix}) == 1 for _, layer, mix in plan)
+    return same_rank and merge_triton.available([layer.weight for _, layer, _ in plan], factors)
+
+
+def _merge_fused(plan) -> None:
+    """Group same-shape layers, run the read-only check pass on every group, refuse (nothing written) or apply."""
+    groups: dict[tuple, list] = {}
+    for _, layer, mix in plan:
+        key = (layer.weight.dtype, layer.layout, tuple(layer.weight.shape),
+               tuple(layer.lora_A[n].shape[0] for n in mix))
+        groups.setdefault(key, []).append((layer, mix))
+    built = []
+    for (_, layout, _, _), members in groups.items():
+        factors = [[(layer.lora_A[n], layer.lora_B[n], w * layer.scaling[n]) for n, w in mix.items()]
+                   for layer, mix in members]
+        g = merge_triton.build_group([layer.weight.detach() for layer, _ in members], layout, factors)
+        built.append((g, members, merge_triton.check(g)))
+    counts = torch.cat([c for _, _, c in built]).cpu()  # the one host sync of a merge
+    bad = [p for p, (layer, _) in zip(counts[:, 0].tolist(), [m for _, ms, _ in built for m in ms]) if p]
+    if bad:
+        raise ValueError(f"refusing to merge: the delta of {len(bad)} module(s) is NaN/inf or would overflow "
+                         f"{plan[0][1].weight.dtype}. The adapter holds non-finite or huge values; nothing was written.")
+    row = 0
+    for g, members, _ in built:
+        merge_triton.apply(g, counts[row:row + len(members), 1].tolist())
+        for slot, (layer, mix) in enumerate(members):
+            layer.merged = FusedMergeRecord(weights=mix, group=g, slot=slot)
+        row += len(members)
 
 
 def _merge_layer(layer: LoRALayer, mix: dict[str, float], A: Tensor, B: Tensor, d: Tensor) -> MergeRecord:
@@ -128,10 +181,18 @@ def _merge_layer(layer: LoRALayer, mix: dict[str, float], A: Tensor, B: Tensor, 
 @torch.no_grad()
 def unmerge(model: nn.Module) -> list[str]:
     """Take every merged delta back out, restoring the base weights bit for bit; returns the paths."""
-    done = []
+    done, restored_groups = [], set()
     for path, layer in lora_layers(model).items():
         rec = layer.merged
         if rec is None:
+            continue
+        if isinstance(rec, FusedMergeRecord):
+            if id(rec.group) not in restored_groups:  # one launch restores every layer of the group
+                _on_cuda_or_refuse(layer)
+                merge_triton.restore(rec.group)
+                restored_groups.add(id(rec.group))
+            layer.merged = None
+            done.append(path)
             continue
         W = layer.weight.detach()
         back = (W.float() - delta_weight(rec.A, rec.B, rec.d, layer.layout)).to(W.dtype)
@@ -160,7 +221,18 @@ def base_weight(layer: LoRALayer) -> Tensor:
     rec = layer.merged
     if rec is None:
         return W
+    if isinstance(rec, FusedMergeRecord):
+        _on_cuda_or_refuse(layer)
+        out = torch.empty_like(W)
+        merge_triton.restore(rec.group, out=[out], only=rec.slot)
+        return out
     back = (W.float() - delta_weight(rec.A, rec.B, rec.d, layer.layout)).to(W.dtype)
     restored = (_bits(back) + rec.correction.to(torch.int64)).to(_BITS[W.dtype]).view(W.dtype)
     restored.view(-1)[rec.overflow_index] = rec.overflow_value
     return restored
+
+
+def _on_cuda_or_refuse(layer: LoRALayer) -> None:
+    if not layer.weight.is_cuda:
+        raise RuntimeError("this model was merged on the GPU by the fused kernels and has since been moved: "
+                           "move it back to CUDA to unmerge exactly (or unmerge before moving it)")
