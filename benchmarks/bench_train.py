@@ -1,0 +1,81 @@
+"""Training-step rows: frozen floor vs ours vs PEFT, eager and torch.compile, time and peak memory.
+
+One step = forward under bf16 autocast + loss + backward (+ AdamW on the LoRA parameters). The "frozen
+floor" is the same base with every weight frozen and input grads on: the backward a LoRA step cannot avoid.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+
+from .harness import peak_step_bytes, sync, time_interleaved
+from .models import add_ours, add_peft, build_base, gpt_config, lora_parameters
+
+
+def _step_fn(model, x, optimizer, input_grad: bool):
+    def step():
+        xin = x.detach().requires_grad_(True) if input_grad else x
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            out = model(inputs_embeds=xin).last_hidden_state
+        loss = out.float().square().mean()
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def _trainer(model, x):
+    opt = torch.optim.AdamW(lora_parameters(model), lr=1e-4)
+    return model, opt, _step_fn(model, x, opt, input_grad=False)
+
+
+def run(res: dict, args) -> None:
+    dev = args.device
+    cfg = gpt_config(args.tiny)
+    B, T = (2, 16) if args.tiny else (8, 512)
+    base = build_base(cfg, dev, torch.float32)
+    x = torch.randn(B, T, cfg.n_embd, device=dev)
+    variants = {"frozen_floor": (base, None, _step_fn(base, x, None, input_grad=True))}
+    variants["ours_r8"] = _trainer(add_ours(copy.deepcopy(base), ["a0"], 8), x)
+    variants["ours_r16"] = _trainer(add_ours(copy.deepcopy(base), ["a0"], 16), x)
+    variants["peft_r8"] = _trainer(add_peft(copy.deepcopy(base), ["a0"], 8), x)
+
+    times = time_interleaved({k: v[2] for k, v in variants.items()}, warmup=args.warmup, iters=args.iters)
+    mem = {k: peak_step_bytes(v[2], v[0], v[1]) for k, v in variants.items()}
+    res["train_eager"] = {"times": times, "memory": mem, "shape": f"B{B} T{T} bf16 autocast, fp32 base"}
+    t = {k: v["median_ms"] for k, v in times.items()}
+    res["ratios"]["train_eager_r8_vs_frozen_floor"] = _ratio(t["ours_r8"], t["frozen_floor"])
+    res["ratios"]["train_eager_r16_vs_frozen_floor"] = _ratio(t["ours_r16"], t["frozen_floor"])
+    res["ratios"]["train_eager_r8_vs_peft"] = _ratio(t["ours_r8"], t["peft_r8"])
+    if mem["ours_r8"]["peak_bytes"] is not None:
+        res["ratios"]["train_peak_mem_r8_vs_peft"] = _ratio(mem["ours_r8"]["peak_bytes"] / 2**30,
+                                                            mem["peft_r8"]["peak_bytes"] / 2**30, unit="GiB")
+        res["ratios"]["train_peak_mem_r8_vs_frozen_floor"] = _ratio(mem["ours_r8"]["peak_bytes"] / 2**30,
+                                                                    mem["frozen_floor"]["peak_bytes"] / 2**30, unit="GiB")
+    for k in ("ours_r16", "frozen_floor"):
+        del variants[k]
+    if args.no_compile:
+        return
+    compiled, first = {}, {}
+    for name in ("ours_r8", "peft_r8"):
+        model, opt, _ = variants[name]
+        cmodel = torch.compile(model)
+        step = _step_fn(cmodel, x, opt, input_grad=False)
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        first[name] = time.perf_counter() - t0
+        compiled[name] = step
+    ctimes = time_interleaved(compiled, warmup=args.warmup, iters=args.iters)
+    res["train_compiled"] = {"times": ctimes, "first_step_s": first}
+    res["ratios"]["train_compiled_r8_vs_peft_compiled"] = _ratio(ctimes["ours_r8"]["median_ms"],
+                                                                 ctimes["peft_r8"]["median_ms"])
+    res["ratios"]["first_compile_s"] = {"value": first["ours_r8"], "peft_s": first["peft_r8"]}
+
+
+def _ratio(ours: float, ref: float, unit: str = "ms") -> dict:
+    return {"value": ours / ref, f"ours_{unit}": ours, f"ref_{unit}": ref}

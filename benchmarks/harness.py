@@ -1,0 +1,89 @@
+"""Timing and memory helpers shared by the benchmark sections: CUDA events, interleaved medians, peak memory."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_once(fn: Callable[[], object]) -> float:
+    """Milliseconds of one call: CUDA events on the GPU (device timeline), a synced host clock on CPU."""
+    if torch.cuda.is_available():
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int = 5, iters: int = 20) -> dict[str, dict]:
+    """Median ms of each callable, timed round-robin so that clock drift hits every variant alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            samples[name].append(time_once(fn))
+    return {k: summary(v) for k, v in samples.items()}
+
+
+def summary(ms: list[float]) -> dict:
+    q = sorted(ms)
+    return {"median_ms": statistics.median(q), "min_ms": q[0], "p90_ms": q[int(0.9 * (len(q) - 1))], "n": len(q)}
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes of distinct storages among `tensors` (shared storages counted once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None or t.device.type == "meta":
+            continue
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def static_footprint(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Parameters + buffers + optimizer state of one model: what it holds between steps."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            tensors += [v for v in state.values() if torch.is_tensor(v)]
+    return tensor_bytes(tensors)
+
+
+def peak_step_bytes(step: Callable[[], object], model: torch.nn.Module, optimizer=None) -> dict:
+    """Peak memory of one step as if this model were alone on the GPU: its static footprint plus the
+    step's own peak above what was allocated before it (other resident models are not counted)."""
+    if not torch.cuda.is_available():
+        return {"peak_bytes": None}
+    sync()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    sync()
+    transient = torch.cuda.max_memory_allocated() - before
+    footprint = static_footprint(model, optimizer)
+    return {"peak_bytes": footprint + transient, "static_bytes": footprint, "step_transient_bytes": transient}
+
+
+def gpu_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name().replace("NVIDIA ", "").replace(" ", "-").lower()
+    return "cpu"

@@ -1,0 +1,111 @@
+"""Run the whole benchmark suite in one process and write results/<gpu>-<date>.{json,md,png}.
+
+    python benchmarks/run_all.py            # on the GPU machine (about 5 minutes)
+    python benchmarks/run_all.py --check    # also assert fast paths / kernels == reference on the GPU
+    python benchmarks/run_all.py --tiny     # a CPU smoke test of the harness itself (numbers mean nothing)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import bench_inference, bench_merge, bench_train, checks, report  # noqa: E402
+from benchmarks.harness import gpu_name  # noqa: E402
+
+SECTIONS = {"checks": checks.run, "merge": bench_merge.run, "inference": bench_inference.run, "train": bench_train.run}
+
+
+def versions() -> dict:
+    out = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    for name in ("transformers", "peft", "triton"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:
+            out[name] = None
+    return out
+
+
+def unifiedvoice_row(res: dict, args) -> None:
+    """The full-size UnifiedVoice memory row, in a subprocess with upstream's transformers on PYTHONPATH."""
+    env = dict(os.environ)
+    if args.uv_site:
+        env["PYTHONPATH"] = os.pathsep.join([args.uv_site, str(ROOT)])
+    rows = {}
+    for ckpt in (False, True):
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "unifiedvoice_memory.py")] + (["--tiny"] if args.tiny else [])
+        p = subprocess.run(cmd + (["--checkpointing"] if ckpt else []), env=env, capture_output=True, text=True,
+                           timeout=600)
+        line = next((l for l in reversed(p.stdout.splitlines()) if l.startswith("{")), None)
+        if p.returncode or line is None:
+            raise RuntimeError(f"unifiedvoice_memory.py failed (rc {p.returncode}): {p.stderr[-1500:]}")
+        rows["checkpointing" if ckpt else "no_checkpointing"] = json.loads(line)
+    res["unifiedvoice"] = rows
+    for name, row in rows.items():
+        key = "unifiedvoice_train_peak_gb" + ("" if name == "checkpointing" else "_no_checkpointing")
+        res["ratios"][key] = {"value": row["unifiedvoice_train_peak_gb"],
+                              **{k: v for k, v in row.items() if k != "unifiedvoice_train_peak_gb"}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", default=None, help=f"sections to run: {list(SECTIONS) + ['unifiedvoice']}")
+    ap.add_argument("--check", action="store_true", help="assert fast paths and kernels match the reference on the GPU")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke test)")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--restore-cycles", type=int, default=1000)
+    ap.add_argument("--restore-budget-s", type=float, default=60.0)
+    ap.add_argument("--uv-site", default=os.environ.get("UV_SITE"), help="PYTHONPATH entry with indextts + transformers 4.52")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    res = {"gpu": gpu_name(), "date": date, "versions": versions(), "command": " ".join(["python"] + sys.argv),
+           "ratios": {}, "errors": {}, "section_seconds": {}}
+    wanted = args.only or (list(SECTIONS) + ["unifiedvoice"])
+    for name in wanted:
+        if name == "checks" and not args.check:
+            continue
+        fn = unifiedvoice_row if name == "unifiedvoice" else SECTIONS[name]
+        t0 = datetime.datetime.now()
+        try:
+            fn(res, args)
+        except Exception as e:
+            res["errors"][name] = f"{e!r}\n{traceback.format_exc()[-2000:]}"
+            print(f"section {name} failed: {e!r}", file=sys.stderr)
+            if name == "checks":
+                raise
+        res["section_seconds"][name] = (datetime.datetime.now() - t0).total_seconds()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        print(f"[{name}] done in {res['section_seconds'][name]:.1f}s", flush=True)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{res['gpu']}-{date}{args.tag}"
+    stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    stem.with_suffix(".md").write_text(report.markdown(res))
+    try:
+        report.bar_chart(res, stem.with_suffix(".png"))
+    except Exception as e:
+        print(f"no chart: {e!r}", file=sys.stderr)
+    print(report.markdown(res))
+
+
+if __name__ == "__main__":
+    main()
