@@ -3,7 +3,7 @@ checked against the code, not against a list someone keeps by hand).
 
 A message is the text of: `raise SomeError(msg)`, `sys.exit(msg)`, `print("error: ...")`, and the message
 helpers `need(ok, msg)` / `bad(msg)`; a name bound to a string in the same function is followed. Placeholders
-of f-strings become `{}`. Data-preparation rejects (`Reject("code", detail)`) are collected as reason codes.
+of f-strings become `{}`. Shell scripts count too: `echo "error: ..."` (with `\` continuations; `$VAR` -> `{}`). Data-preparation rejects (`Reject("code", detail)`) are collected as reason codes.
 
     python -m tests.docs.error_messages          # list them, marking those docs/troubleshooting.md lacks
 """
@@ -85,8 +85,24 @@ def _scan_function(tree: ast.AST, file: str, out: list[Message]) -> None:
         out.append(Message(file, node.lineno, kind, text))
 
 
+def _shell_messages(path: Path, rel: str, out: list[Message]) -> None:
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if not re.match(r'\s*echo "error:', line):
+            continue
+        text, j = line, i
+        while text.rstrip().endswith("\\") and j + 1 < len(lines):
+            j += 1
+            text = text.rstrip()[:-1] + " " + lines[j]
+        strings = re.findall(r'"((?:[^"\\]|\\.)*)"', text.split(">&2")[0])
+        joined = " ".join(strings)
+        out.append(Message(rel, i + 1, "echo", re.sub(r"\$\{?\w+\}?", PLACEHOLDER, joined)))
+
+
 def error_messages() -> list[Message]:
     out: list[Message] = []
+    for path in sorted((REPO / "scripts").glob("*.sh")):
+        _shell_messages(path, str(path.relative_to(REPO)), out)
     for root in SOURCES:
         for path in sorted((REPO / root).rglob("*.py")):
             tree = ast.parse(path.read_text(), filename=str(path))
