@@ -3,7 +3,8 @@ checked against the code, not against a list someone keeps by hand).
 
 A message is the text of: `raise SomeError(msg)`, `sys.exit(msg)`, `print("error: ...")`, and the message
 helpers `need(ok, msg)` / `bad(msg)`; a name bound to a string in the same function is followed. Placeholders
-of f-strings become `{}`. Shell scripts count too: `echo "error: ..."` (with backslash continuations; `$VAR` -> `{}`). Data-preparation rejects (`Reject("code", detail)`) are collected as reason codes.
+of f-strings become `{}`. Shell scripts count too: `echo "error: ..."` (with backslash continuations; `$VAR`
+becomes `{}`). Data-preparation rejects (`Reject("code", detail)`) are collected as reason codes.
 
     python -m tests.docs.error_messages          # list them, marking those docs/troubleshooting.md lacks
 """
