@@ -37,10 +37,11 @@ def measure(dtype: torch.dtype, rank: int = 8, adapters: int = 1) -> dict[str, i
     model = gpt2_block(dtype, rank, adapters)
     weights = {f"voice{k}": 1.0 / adapters for k in range(adapters)}
     merge(model, weights)
-    recs = [layer.merged for layer in lora_layers(model).values()]
+    layers = lora_layers(model).values()
+    recs = [layer.merged for layer in layers]
     out = {
         "weight_elements": sum(r.correction.numel() for r in recs),
-        "weight_bytes": sum(layer.weight.numel() * layer.weight.element_size() for layer in lora_layers(model).values()),
+        "weight_bytes": sum(layer.weight.numel() * layer.weight.element_size() for layer in layers),
         "held_bytes": merge_memory_bytes(model),
         "correction_bytes": sum(r.correction.numel() for r in recs),
         "stacked_bytes": sum(t.numel() * t.element_size() for r in recs for t in (r.A, r.B, r.d)),
