@@ -55,7 +55,7 @@ def _model_dir(config: TrainConfig) -> str:
     return config.model_dir
 
 
-def _examples(manifest: str | os.PathLike, max_tokens: int) -> list[dict[str, Any]]:
+def manifest_examples(manifest: str | os.PathLike, max_tokens: int) -> list[dict[str, Any]]:
     """Manifest rows with absolute feature paths (they are stored relative to the manifest's folder)."""
     root = Path(manifest).parent
     rows = []
@@ -92,11 +92,11 @@ def load_data(config: TrainConfig) -> tuple[TrainData, list[dict[str, Any]] | No
     if not config.train_manifests:
         raise ValueError("the IndexTTS2 task needs --train-manifest (train_manifest.jsonl from "
                          "scripts/prepare_dataset.py)")
-    datasets = [_examples(m, int(opts["max_tokens"])) for m in config.train_manifests]
+    datasets = [manifest_examples(m, int(opts["max_tokens"])) for m in config.train_manifests]
     for path, rows in zip(config.train_manifests, datasets):
         if not rows:
             raise ValueError(f"{path}: no usable examples (all longer than max_tokens={opts['max_tokens']}?)")
-    val = [r for m in config.val_manifests for r in _examples(m, int(opts["max_tokens"]))] or None
+    val = [r for m in config.val_manifests for r in manifest_examples(m, int(opts["max_tokens"]))] or None
     lengths = [[len(r["text_ids"]) + int(r["n_codes"]) for r in rows] for rows in datasets]
     return TrainData(datasets, collate, config.train_weights, lengths), val
 
