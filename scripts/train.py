@@ -1,14 +1,28 @@
 #!/usr/bin/env python
-"""Train a LoRA adapter. With no --model-dir and no manifests it trains the embedded synthetic GPT-2 demo.
+"""Train a LoRA adapter.
+
+With no --model-dir and no manifests it trains the embedded default: where IndexTTS2 (indextts2-cli) is
+installed, a tiny IndexTTS2 checkpoint + a demo voice (made on first use and cached, ~20 s; then ~30 steps on a
+CPU in seconds); elsewhere a synthetic GPT-2 demo.
 
 Examples:
-  python scripts/train.py --output-dir runs/demo                     # synthetic demo, a few seconds on a CPU
+  python scripts/train.py --output-dir runs/demo                     # the embedded default
   python scripts/train.py --config configs/lora_finetune_example.yaml --model-dir checkpoints/ \\
       --train-manifest data/train_manifest.jsonl --val-manifest data/val_manifest.jsonl
   python scripts/train.py --config run.yaml --resume                 # continue from the newest checkpoint
   torchrun --nproc_per_node=4 scripts/train.py --config run.yaml     # data parallel (NCCL on GPUs, gloo on CPU)
+  python scripts/train.py --model-dir checkpoints/ --train-manifest ... --task-option mel_weight=0.9 \
+      --task-option gradient_checkpointing=true                      # IndexTTS2 task options (see below)
 
 Settings come from the dataclass defaults, then --config YAML, then the flags given here (flags win).
+
+IndexTTS2 task options (--task-option KEY=VALUE, or task_options: in the YAML):
+  text_weight (0.2), mel_weight (0.8)   loss = text_weight * CE(text) + mel_weight * CE(mel codes)
+  gpt_dropout (0.0)                     dropout inside the GPT blocks while training (upstream trains with 0.1)
+  gradient_checkpointing (false)        non-reentrant checkpointing of the GPT blocks, to save memory
+  learn_speaker_latent (false)          also learn one 32 x model_dim speaker latent, saved in the adapter
+  max_tokens (0)                        skip examples longer than this many text + code tokens (0 = keep all)
+Target presets for --lora-target-modules: gpt-attn-mlp (default), gpt-attn, and +heads / +embeddings suffixes.
 """
 from __future__ import annotations
 
@@ -44,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation manifest (JSONL); repeat to use several")
     g.add_argument("--output-dir", help="where checkpoints, adapter, metrics.jsonl and the loss curve go")
     g.add_argument("--adapter-name", help="name of the adapter being trained (stored in the adapter file)")
+    g.add_argument("--task-option", dest="task_option", action="append", metavar="KEY=VALUE",
+                   help="a task setting (value read as YAML: 0.9, true, text); repeat for several; "
+                        "IndexTTS2's are listed above")
 
     g = p.add_argument_group("LoRA")
     g.add_argument("--lora-rank", type=int, help="rank r of every LoRA pair")
@@ -67,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-steps", type=int, help="linear warmup steps before the cosine decay")
     g.add_argument("--min-lr-ratio", type=float, help="cosine floor as a fraction of the learning rate")
     g.add_argument("--max-grad-norm", type=float, help="clip the gradient norm to this; 0 disables clipping")
+    g.add_argument("--adam-beta1", type=float, help="AdamW beta1 (default 0.9)")
+    g.add_argument("--adam-beta2", type=float, help="AdamW beta2 (default 0.999)")
+    g.add_argument("--adam-eps", type=float, help="AdamW epsilon (default 1e-8)")
 
     g = p.add_argument_group("device and numerics")
     g.add_argument("--device", choices=DEVICE_CHOICES, help="auto picks cuda, xpu, mps, then cpu")
@@ -93,10 +113,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_task_options(items: list[str] | None) -> dict[str, Any]:
+    """["mel_weight=0.9", "gradient_checkpointing=true"] -> {"mel_weight": 0.9, "gradient_checkpointing": True}."""
+    import yaml
+
+    options: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"error: --task-option {item!r}: expected KEY=VALUE, e.g. --task-option mel_weight=0.9")
+        options[key.strip()] = yaml.safe_load(value)
+    return options
+
+
 def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
     """Dataclass defaults < the task's suggestions < --config YAML < flags. Returns the config and the task ref."""
-    overrides: dict[str, Any] = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
+    skip = {"config", "task_option"}
+    overrides: dict[str, Any] = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
     base = load_config(args.config, overrides)
+    options = parse_task_options(getattr(args, "task_option", None))
+    if options:
+        base = TrainConfig.from_dict({**base.to_dict(), "task_options": {**base.task_options, **options}})
+    if not base.task and not base.model_dir and not base.train_manifests:
+        base = _with_embedded_default(base)
     ref = base.task or (INDEXTTS_TASK if base.model_dir else SYNTHETIC_TASK)
     if not base.task and not base.model_dir and base.train_manifests:
         print("[train] no --model-dir: reading the manifests with the synthetic task "
@@ -104,15 +143,44 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
     return base, ref
 
 
+def _with_embedded_default(cfg: TrainConfig) -> TrainConfig:
+    """The config pointed at the embedded IndexTTS2 default (made on first use), when IndexTTS2 imports here."""
+    try:
+        from indextts_integration.embedded import embedded_default, upstream_importable
+    except ImportError:
+        return cfg
+    if not upstream_importable():
+        return cfg
+    found = embedded_default(progress=cfg.progress)
+    print(f"[train] no --model-dir and no manifests: training on the embedded default (tiny IndexTTS2 "
+          f"checkpoint {found.model_dir} + demo voice)", file=sys.stderr)
+    return TrainConfig.from_dict({**cfg.to_dict(), "model_dir": str(found.model_dir),
+                                  "train_manifests": [str(found.train_manifest)],
+                                  "val_manifests": cfg.val_manifests or [str(found.val_manifest)]})
+
+
+def _is_embedded_default(cfg: TrainConfig) -> bool:
+    if not cfg.model_dir:
+        return False
+    from indextts_integration.embedded import embedded_root
+
+    return Path(cfg.model_dir) == embedded_root() / "checkpoints"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg, ref = resolve_config(args)
     task = load_task(ref, cfg)
-    if task.suggested_config:
+    suggestions = dict(task.suggested_config or {})
+    if _is_embedded_default(cfg):
+        from indextts_integration.embedded import SUGGESTED_CONFIG
+
+        suggestions.update(SUGGESTED_CONFIG)
+    if suggestions:
         explicit = set(_yaml_keys(args.config)) | {k for k, v in vars(args).items() if v is not None}
         if "epochs" in explicit:
             explicit.add("max_steps")  # an explicit run length wins over a suggested one
-        suggested = {k: v for k, v in task.suggested_config.items() if k not in explicit}
+        suggested = {k: v for k, v in suggestions.items() if k not in explicit}
         if suggested:
             cfg = TrainConfig.from_dict({**cfg.to_dict(), **suggested})
     try:

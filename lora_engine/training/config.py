@@ -21,6 +21,7 @@ class TrainConfig:
     val_manifests: list[str] = dataclasses.field(default_factory=list)
     output_dir: str = "runs/lora"
     adapter_name: str = "default"
+    task_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # read by the task (e.g. loss weights)
 
     # LoRA
     lora_rank: int = 8
@@ -81,6 +82,8 @@ class TrainConfig:
                                  "or as train_weights, not both")
             self.train_weights = [1.0 if w is None else float(w) for w in weights]
         self.val_manifests, _ = _split_manifest_entries(self.val_manifests)
+        if not isinstance(self.task_options, dict):
+            raise ValueError(f"TrainConfig: task_options must be a mapping of option: value, got {self.task_options!r}")
         self.validate()
 
     def validate(self) -> None:
