@@ -96,6 +96,8 @@ def _free_name(candidates: Sequence[str | None], taken: set[str]) -> str:
 # ---- merged gpt.pth --------------------------------------------------------------------------------------
 def merged_state_dict(gpt: nn.Module, base_keys: Sequence[str], blend: Mapping[str, float]) -> dict[str, torch.Tensor]:
     """The UnifiedVoice state dict with `blend` merged in, restricted to the keys of the original gpt.pth."""
+    # Upstream trap: gpt.pth is UnifiedVoice's state_dict from BEFORE post_init_gpt2_config, which adds alias
+    # keys (inference_model.*, gpt.wte); keeping exactly the original keys keeps it strict-loadable.
     merge(gpt, blend)
     try:
         state = gpt.state_dict()
@@ -150,6 +152,8 @@ def _write_config(model_dir: str | os.PathLike, cfg: Any, gpt_path: Path) -> Pat
 
 # ---- live instance ---------------------------------------------------------------------------------------
 def _check_backend(tts: Any) -> None:
+    # Upstream trap (use_deepspeed): post_init hands inference_model to deepspeed.init_inference with kernel
+    # injection, which swaps the GPT blocks for fused kernels; a LoRA wrapper or a merged weight never reaches them.
     if getattr(tts.gpt, "ds_engine", None) is not None:
         raise RuntimeAdapterError(
             "this IndexTTS2 instance runs the GPT through DeepSpeed kernel injection, whose fused blocks cannot "
@@ -163,7 +167,12 @@ def _accel_model(tts: Any) -> nn.Module | None:
 
 
 def _mirror_into_accel(tts: Any) -> None:
-    """Copy every adapted GPT block weight into the accel engine's own copy, in place."""
+    """Copy every adapted GPT block weight into the accel engine's own copy, in place.
+
+    Upstream trap (use_accel): post_init COPIES the blocks into GPT2AccelModel (load_state_dict strict=False) and
+    captures CUDA graphs on those tensors, so we write into the same storage. Heads and norms are not copied
+    (the engine's lm_head shares final_norm/mel_head), and merging in place already updates them.
+    """
     accel = _accel_model(tts)
     if accel is None:
         return

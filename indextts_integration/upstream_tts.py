@@ -41,7 +41,7 @@ def build_indextts2(model_dir: str | os.PathLike, device: str = "cpu", use_fp16:
     cfg = md.load_config(model_dir)
     tts = IndexTTS2.__new__(IndexTTS2)
     tts.device = device
-    tts.use_fp16 = use_fp16 and device != "cpu"
+    tts.use_fp16 = use_fp16 and device != "cpu"  # as upstream: no fp16 on CPU (its .half() GPT cannot run there)
     tts.use_cuda_kernel = False
     tts.cfg, tts.model_dir = cfg, str(model_dir)
     tts.dtype = torch.float16 if tts.use_fp16 else None
