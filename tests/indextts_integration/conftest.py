@@ -2,7 +2,8 @@
 
 The core tier runs on a newer torch without upstream, so there the whole directory is skipped with the
 reason. Set the tier up with `bash scripts/setup_upstream_env.sh` and run pytest with the python it prints.
-Shared fixtures: `tiny_ckpt` (a tiny real-class checkpoint dir, cached across runs) and `demo_dir`.
+Shared fixtures: `tiny_ckpt` (a tiny real-class checkpoint dir, cached across runs), `demo_dir`, and
+`random_adapter` (writes a voice adapter with random B for the tiny checkpoint).
 """
 from __future__ import annotations
 
@@ -60,3 +61,29 @@ def demo_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo")
     make_demo_dataset(out, n_utterances=6)
     return out
+
+
+@pytest.fixture(scope="session")
+def random_adapter(tiny_ckpt):
+    """make(path, name, seed, preset="gpt-attn-mlp", shift_base=0.0) -> path: an adapter file whose B is random
+    (so it really changes the model); shift_base != 0 makes it for a different base (block 0's c_attn moved)."""
+    import torch
+
+    from indextts_integration import model_dir as md
+    from indextts_integration.targets import preset_targets
+    from lora_engine import LoRASpec, inject_lora, lora_layers, save_adapter
+
+    def make(path: Path, name: str, seed: int, preset: str = "gpt-attn-mlp", shift_base: float = 0.0) -> Path:
+        gpt = md.load_unified_voice(tiny_ckpt)
+        if shift_base:
+            with torch.no_grad():
+                gpt.gpt.h[0].attn.c_attn.weight.add_(shift_base)
+        inject_lora(gpt, LoRASpec(preset_targets(preset), rank=4, alpha=8), adapter=name)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for layer in lora_layers(gpt).values():
+                layer.lora_B[name].normal_(0, 0.05)
+        save_adapter(gpt, path, adapter=name)
+        return path
+
+    return make

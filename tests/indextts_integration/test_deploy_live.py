@@ -14,29 +14,19 @@ from indextts_integration import model_dir as md
 from indextts_integration.deploy import (RuntimeAdapterError, apply_adapter, load_indextts2, set_voice_blend,
                                          write_merged_gpt)
 from indextts_integration.gpt_loss import GPTBatch, gpt_forward
-from indextts_integration.targets import preset_targets
 from indextts_integration.upstream_tts import build_indextts2
-from lora_engine import LoRASpec, adapter_names, inject_lora, lora_layers, save_adapter
+from lora_engine import adapter_names, lora_layers
 from lora_engine.adapter_io import BaseMismatchError
 
 pytestmark = pytest.mark.upstream
 
 
 @pytest.fixture(scope="module")
-def adapters(tiny_ckpt, tmp_path_factory) -> dict[str, Path]:
-    """Two distinct voices on the GPT blocks and the heads (random B so each really changes the model)."""
+def adapters(random_adapter, tmp_path_factory) -> dict[str, Path]:
+    """Two distinct voices on the GPT blocks and the heads."""
     out = tmp_path_factory.mktemp("adapters")
-    files = {}
-    for seed, name in enumerate(["alice", "bob"]):
-        gpt = md.load_unified_voice(tiny_ckpt)
-        inject_lora(gpt, LoRASpec(preset_targets("gpt-attn-mlp+heads"), rank=4, alpha=8), adapter=name)
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            for layer in lora_layers(gpt).values():
-                layer.lora_B[name].normal_(0, 0.05)
-        files[name] = out / f"{name}.safetensors"
-        save_adapter(gpt, files[name], adapter=name)
-    return files
+    return {name: random_adapter(out / f"{name}.safetensors", name, seed, "gpt-attn-mlp+heads")
+            for seed, name in enumerate(["alice", "bob"])}
 
 
 def _probe(dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -140,15 +130,11 @@ def test_fp16_gpt_takes_an_adapter_trained_on_the_fp32_base(tiny_ckpt, adapters,
     torch.testing.assert_close(live, ref, atol=2e-2, rtol=2e-2)
 
 
-def test_fp16_gpt_refuses_an_adapter_of_another_base(tiny_ckpt, tmp_path):
-    other = md.load_unified_voice(tiny_ckpt)
-    with torch.no_grad():
-        other.gpt.h[0].attn.c_attn.weight.add_(0.5)
-    inject_lora(other, LoRASpec(preset_targets("gpt-attn"), rank=2), adapter="stranger")
-    save_adapter(other, tmp_path / "stranger.safetensors", adapter="stranger")
+def test_fp16_gpt_refuses_an_adapter_of_another_base(tiny_ckpt, random_adapter, tmp_path):
+    stranger = random_adapter(tmp_path / "stranger.safetensors", "stranger", 2, "gpt-attn", shift_base=0.5)
     tts = build_indextts2(tiny_ckpt, gpt=md.load_unified_voice(tiny_ckpt).half())
     with pytest.raises(BaseMismatchError, match="gpt.h.0.attn.c_attn"):
-        apply_adapter(tts, tmp_path / "stranger.safetensors")
+        apply_adapter(tts, stranger)
     assert adapter_names(tts.gpt) == []
 
 

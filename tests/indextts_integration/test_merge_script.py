@@ -12,26 +12,10 @@ import torch
 import yaml
 
 from indextts_integration import model_dir as md
-from indextts_integration.targets import preset_targets
-from lora_engine import LoRASpec, inject_lora, lora_layers, save_adapter
 
 pytestmark = pytest.mark.upstream
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _adapter(tiny_ckpt: Path, path: Path, name: str, seed: int, preset: str, shift_base: float = 0.0) -> Path:
-    gpt = md.load_unified_voice(tiny_ckpt)
-    if shift_base:  # an adapter trained on some other base model
-        with torch.no_grad():
-            gpt.gpt.h[0].attn.c_attn.weight.add_(shift_base)
-    inject_lora(gpt, LoRASpec(preset_targets(preset), rank=4, alpha=8), adapter=name)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for layer in lora_layers(gpt).values():
-            layer.lora_B[name].normal_(0, 0.05)
-    save_adapter(gpt, path, adapter=name)
-    return path
 
 
 def _delta64(path: Path) -> dict[str, torch.Tensor]:
@@ -52,11 +36,11 @@ def _merge(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def test_weighted_merge_loads_strictly_and_changes_only_targets(tiny_ckpt, tmp_path):
+def test_weighted_merge_loads_strictly_and_changes_only_targets(tiny_ckpt, random_adapter, tmp_path):
     from indextts.utils.checkpoint import load_checkpoint
 
-    a = _adapter(tiny_ckpt, tmp_path / "alice.safetensors", "alice", 0, "gpt-attn-mlp")
-    b = _adapter(tiny_ckpt, tmp_path / "bob.safetensors", "bob", 1, "gpt-attn+heads")
+    a = random_adapter(tmp_path / "alice.safetensors", "alice", 0, "gpt-attn-mlp")
+    b = random_adapter(tmp_path / "bob.safetensors", "bob", 1, "gpt-attn+heads")
     out = tmp_path / "voices" / "gpt_blend.pth"
     proc = _merge("--model-dir", str(tiny_ckpt), "--adapter", f"{a}:0.7", "--adapter", f"{b}:0.3",
                   "--output", str(out), "--write-config")
@@ -88,13 +72,13 @@ def test_weighted_merge_loads_strictly_and_changes_only_targets(tiny_ckpt, tmp_p
     assert "bilibili Model Use License" in (out.parent / "gpt_blend.pth.LICENSE.txt").read_text()
 
 
-def test_config_written_inside_the_model_dir_never_replaces_config_yaml(tiny_ckpt, tmp_path):
+def test_config_written_inside_the_model_dir_never_replaces_config_yaml(tiny_ckpt, random_adapter, tmp_path):
     import shutil
 
     model_dir = tmp_path / "checkpoints"
     shutil.copytree(tiny_ckpt, model_dir, symlinks=True)
     before = (model_dir / "config.yaml").read_bytes()
-    a = _adapter(model_dir, tmp_path / "alice.safetensors", "alice", 0, "gpt-attn")
+    a = random_adapter(tmp_path / "alice.safetensors", "alice", 0, "gpt-attn")  # same gpt.pth as the copy
     proc = _merge("--model-dir", str(model_dir), "--adapter", str(a), "--output", str(model_dir / "gpt_alice.pth"),
                   "--write-config")
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -102,9 +86,9 @@ def test_config_written_inside_the_model_dir_never_replaces_config_yaml(tiny_ckp
     assert yaml.safe_load((model_dir / "config_gpt_alice.yaml").read_text())["gpt_checkpoint"] == "gpt_alice.pth"
 
 
-def test_adapter_of_another_base_is_refused_and_nothing_is_written(tiny_ckpt, tmp_path):
-    good = _adapter(tiny_ckpt, tmp_path / "alice.safetensors", "alice", 0, "gpt-attn")
-    stranger = _adapter(tiny_ckpt, tmp_path / "stranger.safetensors", "stranger", 1, "gpt-attn", shift_base=0.5)
+def test_adapter_of_another_base_is_refused_and_nothing_is_written(tiny_ckpt, random_adapter, tmp_path):
+    good = random_adapter(tmp_path / "alice.safetensors", "alice", 0, "gpt-attn")
+    stranger = random_adapter(tmp_path / "stranger.safetensors", "stranger", 1, "gpt-attn", shift_base=0.5)
     out = tmp_path / "out" / "gpt_bad.pth"
     proc = _merge("--model-dir", str(tiny_ckpt), "--adapter", str(good), "--adapter", str(stranger),
                   "--output", str(out), "--write-config")
