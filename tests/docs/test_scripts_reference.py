@@ -13,4 +13,5 @@ def test_every_script_has_its_help_quoted():
 
 @pytest.mark.parametrize("script", sorted(QUOTED))
 def test_quoted_help_is_current(script):
-    assert QUOTED[script] == help_text(script), f"{script} --help changed: python -m tests.docs.scripts_reference --write"
+    assert QUOTED[script] == help_text(script), \
+        f"{script} --help changed: run python -m tests.docs.scripts_reference --write"
