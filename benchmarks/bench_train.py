@@ -28,7 +28,8 @@ def _step_fn(model, x, optimizer, input_grad: bool):
 
 
 def _trainer(model, x):
-    opt = torch.optim.AdamW(lora_parameters(model), lr=1e-4)
+    # The same optimizer on both sides: fused AdamW on CUDA (one kernel for all LoRA tensors), as train.py uses.
+    opt = torch.optim.AdamW(lora_parameters(model), lr=1e-4, fused=True if x.is_cuda else None)
     return model, opt, _step_fn(model, x, opt, input_grad=False)
 
 

@@ -55,8 +55,10 @@ if triton is not None:
     @triton.jit
     def _bits(x, BITS: tl.constexpr):
         if BITS == 16:
-            return x.to(tl.int16, bitcast=True).to(tl.int32)
-        return x.to(tl.int32, bitcast=True).to(tl.int64)
+            out = x.to(tl.int16, bitcast=True).to(tl.int32)
+        else:
+            out = x.to(tl.int32, bitcast=True).to(tl.int64)
+        return out
 
     @triton.jit
     def _merge_kernel(W0, W_tab, C_tab, P_tab, Q_tab, S_tab, counts, ov_base, cursor, ov_layer, ov_index, ov_value,
@@ -78,11 +80,14 @@ if triton is not None:
             tl.store(w_ptr + flat, new, mask=mask)
             c_ptr = tl.load(C_tab + layer).to(tl.pointer_type(tl.int8))
             tl.store(c_ptr + flat, tl.where(over, 0, diff).to(tl.int8), mask=mask)
-            slot = tl.atomic_add(cursor + layer + tl.zeros_like(offs_m[:, None] + offs_n[None, :]), 1, mask=over)
-            pos = tl.load(ov_base + layer) + slot
-            tl.store(ov_index + pos, flat, mask=over)
-            tl.store(ov_value + pos, w, mask=over)
-            tl.store(ov_layer + pos, layer + tl.zeros_like(slot), mask=over)
+            n_over = tl.sum(tl.sum(over.to(tl.int32), 1), 0)
+            if n_over > 0:  # rare: reserve a run of slots for the whole tile with one atomic, then a prefix sum
+                start = tl.atomic_add(cursor + layer, n_over)
+                o = tl.reshape(over, [BLOCK_M * BLOCK_N])
+                pos = tl.load(ov_base + layer) + start + tl.cumsum(o.to(tl.int32), 0) - 1
+                tl.store(ov_index + pos, tl.reshape(flat, [BLOCK_M * BLOCK_N]), mask=o)
+                tl.store(ov_value + pos, tl.reshape(w, [BLOCK_M * BLOCK_N]), mask=o)
+                tl.store(ov_layer + pos, layer + tl.zeros_like(pos).to(tl.int32), mask=o)
         else:
             newf = new.to(tl.float32)
             bad = mask & ((newf - newf) != 0.0)  # NaN or +-inf

@@ -11,7 +11,7 @@ from torch import nn
 
 from lora_engine import LoRASpec, inject_lora, lora_layers, merge, unmerge
 from lora_engine import functional as Fn
-from lora_engine import merge as merge_mod
+from lora_engine.merge import FusedMergeRecord, base_weight
 
 
 class _Pair(nn.Module):
@@ -46,7 +46,7 @@ def check_merge(dtype: torch.dtype, n_adapters: int) -> str:
     mix = {f"a{i}": 0.7 - 0.3 * i for i in range(n_adapters)}
     merge(model, mix)
     recs = {p: l.merged for p, l in layers.items()}
-    assert all(isinstance(r, merge_mod.FusedMergeRecord) for r in recs.values()), "fused path not taken"
+    assert all(isinstance(r, FusedMergeRecord) for r in recs.values()), "fused path not taken"
     overflow = sum(getattr(r.group, "ov_total", 0) for r in {id(r.group): r for r in recs.values()}.values())
     worst = 0.0
     for p, l in layers.items():
@@ -55,7 +55,7 @@ def check_merge(dtype: torch.dtype, n_adapters: int) -> str:
         want = (original[p].float() + delta).to(dtype).float()
         err = (l.weight.detach().float() - want).abs() / (want.abs() + delta.abs().max())
         worst = max(worst, err.max().item() / torch.finfo(dtype).eps)  # in units of the dtype's epsilon
-        assert torch.equal(merge_mod.base_weight(l), original[p]), f"base_weight of merged {p} not exact"
+        assert torch.equal(base_weight(l), original[p]), f"base_weight of merged {p} not exact"
     assert worst <= 4.0, f"fused merge differs from the PyTorch merge by {worst:.2f} eps"
     for cycle in range(50):
         unmerge(model)

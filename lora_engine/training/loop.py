@@ -112,7 +112,8 @@ def train(config: TrainConfig, task: Task | None = None) -> TrainResult:
 
         # ---- optimizer, schedule, loss scaler
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                      eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+                                      eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+                                      fused=True if device.type == "cuda" else None)  # one kernel, not one per tensor
         scheduler = warmup_cosine_scheduler(optimizer, cfg.warmup_steps, max_steps, cfg.min_lr_ratio)
         scaler = amp.grad_scaler()
 
