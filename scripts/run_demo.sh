@@ -12,7 +12,7 @@ REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 
 if ! command -v "$PYTHON" >/dev/null 2>&1; then
-  echo "error: $PYTHON not found. Install Python 3.10-3.13 (Debian/Ubuntu: apt-get install python3 python3-venv)," \
+  echo "error: $PYTHON not found. Install Python 3.10 or 3.11 (IndexTTS2's package needs < 3.12; Debian/Ubuntu: apt-get install python3 python3-venv)," \
        "or point PYTHON=/path/to/python3 at one." >&2
   exit 1
 fi
