@@ -61,14 +61,19 @@ if triton is not None:
         return out
 
     @triton.jit
+    def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """This program's rows, columns, in-bounds mask and flat element offsets of a row-major [M, N] weight."""
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        return offs_m, offs_n, mask, offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+
+    @triton.jit
     def _merge_kernel(W0, W_tab, C_tab, P_tab, Q_tab, S_tab, counts, ov_base, cursor, ov_layer, ov_index, ov_value,
                       M, N, spm, spr, sqr, sqn, NA: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
                       BITS: tl.constexpr, APPLY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        pid_m, pid_n, layer = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-        flat = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        layer = tl.program_id(2)
+        offs_m, offs_n, mask, flat = _tile(M, N, BLOCK_M, BLOCK_N)
         w_ptr = tl.load(W_tab + layer).to(W0.dtype)
         w = tl.load(w_ptr + flat, mask=mask, other=0.0)
         delta = _delta(P_tab, Q_tab, S_tab, layer, offs_m, offs_n, M, N, NA, R, RP, spm, spr, sqr, sqn)
@@ -98,11 +103,8 @@ if triton is not None:
     def _unmerge_kernel(W0, W_tab, O_tab, C_tab, P_tab, Q_tab, S_tab, M, N, spm, spr, sqr, sqn, NA: tl.constexpr,
                         R: tl.constexpr, RP: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr):
-        pid_m, pid_n, layer = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-        flat = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        layer = tl.program_id(2)
+        offs_m, offs_n, mask, flat = _tile(M, N, BLOCK_M, BLOCK_N)
         w_ptr = tl.load(W_tab + layer).to(W0.dtype)
         o_ptr = tl.load(O_tab + layer).to(W0.dtype)
         c_ptr = tl.load(C_tab + layer).to(tl.pointer_type(tl.int8))
