@@ -40,7 +40,8 @@ def scale_rows(h: Tensor, d: Tensor, batch: int) -> Tensor:
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype the GEMMs run in: autocast's when it is on (no fp32 copy of x), else x's own."""
     dev = x.device.type
-    if x.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(dev):
+    if x.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.amp.is_autocast_available(dev) \
+            and torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
     return x.dtype
 
@@ -133,7 +134,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad):
         return _LoRALinearFn.apply(x, weight, bias, A, B, d, s, layout)
     ct = compute_dtype(x)
-    Bd = B.float() * d.float() if d.dim() == 1 else B.float()  # d as a tensor: no recompile when it changes
+    wide = torch.promote_types(ct, torch.float32)  # fold d in at least fp32 (fp64 stays fp64)
+    Bd = B.to(wide) * d.to(wide) if d.dim() == 1 else B.to(wide)  # d a tensor: no recompile when it changes
     return lora_linear_cached(x, weight, bias, A.to(ct), Bd.to(ct), None if d.dim() == 1 else d, layout)
 
 

@@ -100,15 +100,19 @@ class LoRALayer(nn.Module):
         into the same storage when the shapes allow, so a CUDA graph captured earlier sees the new values.
         """
         names = tuple(self.blend)
-        key = (dtype, names, self.blend_scale._version,
-               tuple((self.lora_A[n]._version, self.lora_B[n]._version) for n in names))
+        factors = [(self.lora_A[n], self.lora_B[n]) for n in names]
+        # versions catch in-place updates (optimizer steps, load_adapter); data_ptr and device catch replaced
+        # storage (`.to(device)`, `p.data = ...`), which does not bump a version counter
+        key = (dtype, names, self.weight.device, self.blend_scale._version, self.blend_scale.data_ptr(),
+               tuple((A._version, B._version, A.data_ptr(), B.data_ptr()) for A, B in factors))
         cache = self._factors
         if cache is not None and cache[0] == key:
             return cache[1], cache[2]
         with torch.no_grad():
             A, B = self.stacked(list(names))
             d = self.blend_scale
-            Bd = B.float() * d.float() if d.dim() == 1 else B.float()
+            wide = torch.promote_types(dtype, torch.float32)  # fold d in at least fp32 (fp64 stays fp64)
+            Bd = B.to(wide) * d.to(wide) if d.dim() == 1 else B.to(wide)
             Ac, Bd = A.to(dtype, copy=True), Bd.to(dtype, copy=True)  # copies: never aliases of the parameters
             if cache is not None and cache[1].shape == Ac.shape and cache[2].shape == Bd.shape \
                     and cache[1].dtype == dtype and cache[1].device == Ac.device:

@@ -66,7 +66,7 @@ def test_training_path_forward_and_gradients_match_float64(layout, dtype, ranks,
     rA, rB = torch.cat(rAB[:len(As)]), torch.cat(rAB[len(As):], 1)
 
     assert y.dtype == dtype and gA.dtype == gB.dtype == torch.float32  # grads in the fp32 masters' dtype
-    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    tol = {torch.float32: 1e-5, torch.bfloat16: 4e-2}[dtype]  # bf16: 8-bit mantissa, and the sums can cancel
     for what, got, want in (("y", y, yr), ("dx", gx, rx), ("dA", gA, rA), ("dB", gB, rB)):
         err = (got.double() - want).norm() / want.norm().clamp_min(1e-12)
         assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.0e}"
@@ -170,3 +170,26 @@ def test_per_row_length_mismatch_is_refused_on_both_paths(bad_rows):
             layer(x)
     with pytest.raises(ValueError, match="per-row"):
         layer(x.requires_grad_(True))
+
+
+def test_inference_cache_follows_the_model_to_another_device_and_dtype():
+    """A cache built on one device/dtype is not reused after model.to(...) (storage replaced, no version bump)."""
+    model, layer = _layer()
+    set_blend(model, {"a": 1.0})
+    with torch.no_grad():
+        layer(torch.randn(1, 2, 12))
+        model.to("meta")
+        y = layer(torch.randn(1, 2, 12, device="meta"))
+    assert y.device.type == "meta" and layer._factors[1].device.type == "meta"
+    model2, layer2 = _layer()
+    set_blend(model2, {"a": 1.0})
+    x = torch.randn(1, 2, 12)
+    with torch.no_grad():
+        layer2(x)
+        with torch.no_grad():
+            for p in layer2.lora_B.values():
+                p.data = p.data * 3  # new storage, no version bump
+        got = layer2(x)
+    W, b = layer2.weight.double(), layer2.bias.double()
+    want = x.double() @ W + b + (x.double() @ layer2.lora_A["a"].double().t()) @ layer2.lora_B["a"].double().t() * layer2.scaling["a"]
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)

@@ -20,7 +20,8 @@ from lora_engine.training.metrics import read_metrics
 
 from .conftest import REPO, lora_tensors, small_config, subprocess_env
 
-RUN = dict(max_steps=40, save_every=4, eval_every=8, batch_size=8, keep_last=2, lora_dropout=0.1)
+# long enough that the kill (up to 0.6 s after the first checkpoint) always lands mid-run on a fast machine
+RUN = dict(max_steps=160, save_every=4, eval_every=8, batch_size=8, keep_last=2, lora_dropout=0.1)
 
 
 @pytest.fixture
