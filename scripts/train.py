@@ -97,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("evaluation, checkpoints, stopping")
     g.add_argument("--eval-every", type=int, help="validate every N steps (0 = only at the end)")
+    g.add_argument("--eval-audio-every", type=int,
+                   help="run the task's periodic eval every N steps (IndexTTS2: synthesize the eval_texts and "
+                        "score speaker similarity; needs the eval_* task options); 0 = off")
+    g.add_argument("--best-metric", help="metric that picks adapter_best.safetensors and drives early stopping: "
+                                         "val_loss (default) or a periodic eval metric, e.g. speaker_similarity")
+    g.add_argument("--best-metric-goal", choices=("auto", "min", "max"),
+                   help="whether --best-metric should go down or up (auto: the task knows its metrics)")
     g.add_argument("--save-every", type=int, help="checkpoint every N steps (also at the end and on a new best)")
     g.add_argument("--keep-last", type=int, help="checkpoints kept besides the best by validation loss")
     g.add_argument("--resume", action=B, help="continue from the newest complete checkpoint in --output-dir")

@@ -57,6 +57,9 @@ class TrainConfig:
 
     # evaluation, checkpoints, stopping
     eval_every: int = 0                     # steps; 0 = only at the end
+    eval_audio_every: int = 0               # steps between the task's periodic evals (e.g. audio); 0 = off
+    best_metric: str = "val_loss"           # the metric that picks the best checkpoint and drives early stopping
+    best_metric_goal: str = "auto"          # "min", "max", or "auto" (the task says which metrics go up)
     save_every: int = 500                   # steps; a checkpoint is also written at the end
     keep_last: int = 3                      # complete checkpoints kept besides the best one
     resume: bool = False
@@ -96,7 +99,10 @@ class TrainConfig:
         need(self.device in DEVICE_CHOICES, f"device must be one of {DEVICE_CHOICES}, got {self.device!r}")
         for name in ("batch_size", "grad_accum", "log_every", "bucket_window", "max_nonfinite_in_a_row"):
             need(int(getattr(self, name)) >= 1, f"{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("save_every", "eval_every", "keep_last", "warmup_steps", "early_stopping_patience"):
+        need(self.best_metric_goal in ("auto", "min", "max"),
+             f"best_metric_goal must be auto, min or max, got {self.best_metric_goal!r}")
+        for name in ("save_every", "eval_every", "eval_audio_every", "keep_last", "warmup_steps",
+                     "early_stopping_patience"):
             need(int(getattr(self, name)) >= 0, f"{name} must be >= 0, got {getattr(self, name)!r}")
         need(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps!r}")
         need(self.epochs > 0, f"epochs must be > 0, got {self.epochs!r}")

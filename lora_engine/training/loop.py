@@ -38,7 +38,7 @@ FINAL_ADAPTER = "adapter.safetensors"
 BEST_ADAPTER = "adapter_best.safetensors"
 # Config keys that may change between a run and its resume without changing what is computed.
 _RESUME_FREE_KEYS = {"resume", "max_steps", "epochs", "progress", "tensorboard", "plot", "log_every",
-                     "save_every", "eval_every", "keep_last", "output_dir", "device", "compile"}
+                     "save_every", "eval_every", "eval_audio_every", "keep_last", "output_dir", "device", "compile"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -65,6 +65,8 @@ def train(config: TrainConfig, task: Task | None = None) -> TrainResult:
 
     cfg = config
     task = task or synthetic.make_task(cfg)
+    best_goal = _best_goal(cfg, task)
+    periodic = task.periodic_eval if cfg.eval_audio_every else None
     dist = setup_distributed(cfg.device)
     device, main, world = dist.device, dist.is_main, dist.world_size
     amp = amp_recipe(device, cfg.amp)
@@ -119,6 +121,7 @@ def train(config: TrainConfig, task: Task | None = None) -> TrainResult:
 
         # ---- resume from the newest complete checkpoint (rank 0 picks it, so all ranks agree)
         step, best_val, evals_since_best, nonfinite_total = 0, math.inf, 0, 0
+        best_score = math.inf if best_goal == "min" else -math.inf  # of cfg.best_metric, which picks the best
         resume_from = broadcast_object(latest_checkpoint(ckpt_root) if cfg.resume and main else None, dist)
         if resume_from is not None:
             state = load_state(resume_from)
@@ -134,6 +137,7 @@ def train(config: TrainConfig, task: Task | None = None) -> TrainResult:
             scaler.load_state_dict(state["scaler"])
             stream.load_state_dict(state["data"])
             step, best_val = state["step"], state["best_val_loss"]
+            best_score = state.get("best_score", best_val if cfg.best_metric == "val_loss" else best_score)
             evals_since_best, nonfinite_total = state["evals_since_best"], state["nonfinite_total"]
             rngs = state["rng"]
             set_rng_state(rngs[dist.rank] if dist.rank < len(rngs) else rngs[0])
@@ -217,23 +221,42 @@ def train(config: TrainConfig, task: Task | None = None) -> TrainResult:
                     f"({nonfinite_total} skipped in all). Lower --learning-rate, use --amp bf16 or none instead of "
                     f"fp16, or check the data; the last good checkpoint is {last_ckpt}.")
 
-            # ---- eval (all ranks, sharded), early stopping
-            improved = False
+            # ---- eval: val loss (all ranks, sharded) and the task's periodic eval (rank 0, e.g. audio samples);
+            # cfg.best_metric among these scores picks the best checkpoint and drives early stopping
+            scores: dict[str, float] = {}
             evaluated = has_val and bool((cfg.eval_every and step % cfg.eval_every == 0) or step == max_steps)
             if evaluated:
                 val_loss = evaluate(model, val_batches, train_data.collate, task.loss_fn, amp, dist)
-                improved = math.isfinite(val_loss) and val_loss < best_val - cfg.early_stopping_min_delta
+                scores["val_loss"] = val_loss
+                if cfg.best_metric != "val_loss" and math.isfinite(val_loss):
+                    best_val = min(best_val, val_loss)
+            if periodic is not None and (step % cfg.eval_audio_every == 0 or step == max_steps):
+                scores.update(run_periodic_eval(periodic, model, step, dist))
+                if cfg.best_metric not in scores and cfg.best_metric != "val_loss":
+                    raise KeyError(f"best_metric {cfg.best_metric!r} is not among the periodic eval's metrics "
+                                   f"{sorted(scores)}: set best_metric to one of them")
+            improved = False
+            if cfg.best_metric in scores:
+                improved = _improves(scores[cfg.best_metric], best_score, best_goal, cfg.early_stopping_min_delta)
                 if improved:
-                    best_val, evals_since_best = val_loss, 0
+                    best_score, evals_since_best = scores[cfg.best_metric], 0
                 else:
                     evals_since_best += 1
-                log.log({"step": step, "loss": step_loss, "lr": lr, "val_loss": val_loss,
-                         "best_val_loss": best_val if math.isfinite(best_val) else None})
+                if cfg.best_metric == "val_loss":
+                    best_val = best_score
+            if scores:
+                record = {"step": step, "loss": step_loss, "lr": lr, **scores}
+                if evaluated:
+                    record["best_val_loss"] = best_val if math.isfinite(best_val) else None
+                if cfg.best_metric != "val_loss" and math.isfinite(best_score):
+                    record[f"best_{cfg.best_metric}"] = best_score
+                log.log(record)
                 if main and cfg.plot:
                     plot_loss_curve(log.path, out_dir / PLOT_FILE)
                 if cfg.early_stopping_patience and evals_since_best >= cfg.early_stopping_patience:
                     stop_reason = "early_stopping"
-                    _say(main, f"early stopping at step {step}: no val_loss improvement in {evals_since_best} evals")
+                    _say(main, f"early stopping at step {step}: no {cfg.best_metric} improvement in "
+                               f"{evals_since_best} evals")
 
             # ---- checkpoint: every save_every steps, on a new best, and at the end
             done = step >= max_steps or stop_reason != "max_steps"
@@ -242,11 +265,12 @@ def train(config: TrainConfig, task: Task | None = None) -> TrainResult:
                     "step": step, "trainables": {n: p.detach().cpu().clone() for n, p in named_trainables.items()},
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "data": stream.state_dict(),
-                    "best_val_loss": best_val, "evals_since_best": evals_since_best,
+                    "best_val_loss": best_val, "best_score": best_score, "evals_since_best": evals_since_best,
                     "nonfinite_total": nonfinite_total, "config": cfg.to_dict(), "world_size": world,
                 }
                 # val_loss only when measured at this step; is_best marks the one that pruning keeps
-                meta = {"val_loss": val_loss if evaluated else None, "train_loss": last_loss, "is_best": improved}
+                meta = {**scores, "val_loss": val_loss if evaluated else None, "train_loss": last_loss,
+                        "is_best": improved}
                 summary = _summary(cfg, task, amp, step, max_steps, last_loss, val_loss, best_val, world,
                                    nonfinite_total, stream)
                 last_ckpt = save_checkpoint(ckpt_root, step, model, state, meta, summary, extras, dist, save,
@@ -297,6 +321,41 @@ def evaluate(model: nn.Module, batches: list[list[Any]], collate: Any, loss_fn: 
     all_reduce_sum(totals, dist)
     model.train(was_training)
     return (totals[0] / totals[1]).item() if totals[1] > 0 else math.nan
+
+
+def run_periodic_eval(periodic_eval: Callable[[nn.Module, int], dict[str, float]], model: nn.Module, step: int,
+                      dist: DistInfo) -> dict[str, float]:
+    """Collective: rank 0 runs the task's periodic eval on the model in eval mode without gradients; every rank
+    gets its scores."""
+    scores = None
+    if dist.is_main:
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                scores = {k: float(v) for k, v in periodic_eval(model, step).items()}
+        finally:
+            model.train(was_training)
+    return broadcast_object(scores, dist)
+
+
+def _best_goal(cfg: TrainConfig, task: Task) -> str:
+    """"min" or "max" for cfg.best_metric; refuses a metric that nothing in this run will measure."""
+    if cfg.best_metric != "val_loss" and not (cfg.eval_audio_every and task.periodic_eval is not None):
+        raise ValueError(f"best_metric {cfg.best_metric!r} comes from the task's periodic eval: set eval_audio_every "
+                         f"(--eval-audio-every N), or use best_metric val_loss"
+                         + ("" if task.periodic_eval else f" (task {task.name} has no periodic eval)"))
+    if cfg.eval_audio_every and task.periodic_eval is None:
+        raise ValueError(f"eval_audio_every is set but task {task.name} has no periodic eval; set it to 0")
+    if cfg.best_metric_goal != "auto":
+        return cfg.best_metric_goal
+    return "max" if cfg.best_metric in task.higher_is_better else "min"
+
+
+def _improves(value: float, best: float, goal: str, min_delta: float) -> bool:
+    if not math.isfinite(value):
+        return False
+    return value < best - min_delta if goal == "min" else value > best + min_delta
 
 
 def save_checkpoint(root: Path, step: int, model: nn.Module, state: dict[str, Any], meta: dict[str, Any],

@@ -33,6 +33,11 @@ class Task:
     extra_trainables: Callable[[nn.Module], dict[str, nn.Parameter]] | None = None
     """Optional non-LoRA tensors to learn too (e.g. a speaker latent): trained with AdamW and saved with the
     adapter as extra tensors under these names."""
+    periodic_eval: Callable[[nn.Module, int], dict[str, float]] | None = None
+    """Optional periodic_eval(model, step) -> {metric: value}, called on rank 0 every `eval_audio_every` steps
+    (eval mode, no grad); the metrics go to metrics.jsonl and checkpoint meta, and `best_metric` may pick one."""
+    higher_is_better: tuple[str, ...] = ()
+    """Metric names where larger is better (best_metric_goal "auto" maximises these, minimises the rest)."""
 
 
 def load_task(ref: str, config: TrainConfig) -> Task:
