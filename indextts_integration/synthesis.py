@@ -63,15 +63,28 @@ def synthesize(tts: Any, text: str, prompt_audio: str | os.PathLike, output: str
     bars are hidden unless verbose. `generation`: upstream sampling kwargs (do_sample, num_beams, top_p...)."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    seed_everything(seed)
     sink = contextlib.nullcontext() if verbose else _quiet()
     with sink:
+        _encode_prompt_once(tts, str(prompt_audio), output.parent)
+        seed_everything(seed)
         result = tts.infer(spk_audio_prompt=str(prompt_audio), text=text, output_path=str(output),
                            max_mel_tokens=max_mel_tokens, verbose=verbose, **generation)
     if result is None or not output.is_file():
         raise RuntimeError(f"IndexTTS2.infer wrote no audio for {text!r} (the text may normalise to nothing); "
                            "remove that line from --texts")
     return output
+
+
+def _encode_prompt_once(tts: Any, prompt: str, scratch: Path) -> None:
+    """Upstream trap: the first infer with a new prompt encodes it (and caches that) while drawing random numbers,
+    so a seeded sample would differ between a first and a later call. A throwaway 2-token infer caches it first,
+    so every seeded sample takes the cached path."""
+    if getattr(tts, "cache_spk_audio_prompt", None) == prompt and getattr(tts, "cache_spk_cond", None) is not None:
+        return
+    throwaway = scratch / ".prompt_warmup.wav"
+    tts.infer(spk_audio_prompt=prompt, text="a.", output_path=str(throwaway), max_mel_tokens=2, num_beams=1,
+              do_sample=False)
+    throwaway.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
