@@ -7,6 +7,8 @@ scripts/train.py --model-dir DIR selects it. Task options (`task_options:` in th
     gradient_checkpointing (false)        non-reentrant checkpointing of the GPT blocks (saves memory)
     learn_speaker_latent (false)          also learn one 32 x D speaker latent, saved in the adapter
     max_tokens (0)                        drop examples longer than this many text + code tokens (0 = keep all)
+    eval_reference_audio, eval_texts, eval_prompt_audio, eval_reference_text, eval_max_mel_tokens
+                                          the periodic audio eval of --eval-audio-every (audio_eval.py)
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ from lora_engine.training.data import TrainData, load_manifest
 from lora_engine.training.task import Task
 
 DEFAULTS = {"text_weight": 0.2, "mel_weight": 0.8, "gpt_dropout": 0.0, "gradient_checkpointing": False,
-            "learn_speaker_latent": False, "max_tokens": 0}
+            "learn_speaker_latent": False, "max_tokens": 0, "eval_reference_audio": None, "eval_texts": None,
+            "eval_prompt_audio": None, "eval_reference_text": None, "eval_max_mel_tokens": 600}
 SPEAKER_LATENT = "speaker_latent"
 
 
@@ -127,4 +130,14 @@ def make_task(config: TrainConfig) -> Task:
                 preset_targets(DEFAULT_PRESET),
                 suggested_config={"learning_rate": 2e-4, "batch_size": 4, "warmup_steps": 20, "eval_every": 100,
                                   "save_every": 200},
-                extra_trainables=_speaker_latent)
+                extra_trainables=_speaker_latent, periodic_eval=_periodic_eval(config),
+                higher_is_better=("speaker_similarity", "mel_accuracy"))
+
+
+def _periodic_eval(config: TrainConfig):
+    """The audio eval of --eval-audio-every (None when off, so nothing heavy is built)."""
+    if not config.eval_audio_every:
+        return None
+    from indextts_integration.audio_eval import PeriodicAudioEval
+
+    return PeriodicAudioEval(_model_dir(config), task_options(config), config.output_dir, config.seed)
