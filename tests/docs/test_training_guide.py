@@ -58,3 +58,13 @@ def test_task_suggestions_quoted_in_the_guide_are_the_code_defaults():
     assert pairs, "indextts_integration/training.py has no suggested_config"
     for key, value in pairs.items():
         assert f"{key} {value}" in GUIDE, f"the guide should quote the IndexTTS2 task's {key} {value}"
+
+
+def test_every_indextts2_task_option_is_documented():
+    text = (REPO / "indextts_integration" / "training.py").read_text()
+    defaults = re.search(r"^DEFAULTS = \{(.*?)\}$", text, flags=re.S | re.M).group(1)
+    options = re.findall(r'"(\w+)":', defaults)
+    assert "mel_weight" in options and len(options) >= 6
+    section = GUIDE.split("### IndexTTS2 task options", 1)[1].split("\n## ", 1)[0]
+    missing = [o for o in options if f"| `{o}` |" not in section]
+    assert not missing, f"IndexTTS2 task options without a row in the training guide: {missing}"
