@@ -95,7 +95,7 @@ def plot_training_curves(runs: dict[str, list[dict[str, Any]]], path: Path) -> P
         for j, key in enumerate(eval_keys):
             pts = [(r["step"], r[key]) for r in recs if _num(r.get(key))]
             if pts:
-                axes[0][1].plot(*zip(*pts), "s-", color=color, linestyle=["-", "--", ":"][j % 3],
+                axes[0][1].plot(*zip(*pts), marker="s", color=color, linestyle=["-", "--", ":"][j % 3],
                                 label=f"{name} {key}")
     loss_ax.set(xlabel="optimizer step", ylabel="loss", title="training loss")
     for ax in axes[0]:
