@@ -6,7 +6,15 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-venv_of() { "$@" | tee /dev/stderr | sed -n 's/^VENV=//p' | tail -n 1; }
+# Run a set-up script, show its output on stderr, print the VENV=<path> it reports. (`tee /dev/stderr` would
+# reopen a redirected log file and truncate it.)
+venv_of() {
+  local log
+  log=$(mktemp)
+  "$@" | tee "$log" >&2
+  sed -n 's/^VENV=//p' "$log" | tail -n 1
+  rm -f "$log"
+}
 
 CORE=$(venv_of bash scripts/setup_core_env.sh)
 echo "== core tier =="
