@@ -7,7 +7,6 @@ A ratio near 1 means natural pace; far above 1 often means the GPT never emitted
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import soundfile as sf
 

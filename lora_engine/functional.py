@@ -86,9 +86,7 @@ class _LoRALinearFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, A, B, d, s, layout):
         ct = compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1]).to(ct)
-        w = weight.to(ct)
-        wt = w.t() if layout == "out_in" else w
-        y = torch.addmm(bias.to(ct), x2, wt) if bias is not None else x2 @ wt
+        y = _base_in(x2, weight, bias, ct, layout)
         Ac, Bc = A.to(ct), B.to(ct)
         h = x2 @ Ac.t()
         if s is None:
@@ -133,10 +131,20 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     check_rows(x, d)
     if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad):
         return _LoRALinearFn.apply(x, weight, bias, A, B, d, s, layout)
-    ct = compute_dtype(x)
-    wide = torch.promote_types(ct, torch.float32)  # fold d in at least fp32 (fp64 stays fp64)
-    Bd = B.to(wide) * d.to(wide) if d.dim() == 1 else B.to(wide)  # d a tensor: no recompile when it changes
-    return lora_linear_cached(x, weight, bias, A.to(ct), Bd.to(ct), None if d.dim() == 1 else d, layout)
+    ct = compute_dtype(x)  # d stays a tensor here: no recompile under torch.compile when the blend changes
+    rows = None if d.dim() == 1 else d
+    return lora_linear_cached(x, weight, bias, A.to(ct), fold_scale(B, d, ct), rows, layout)
+
+
+def fold_scale(B: Tensor, d: Tensor, dtype: torch.dtype) -> Tensor:
+    """B diag(d) in `dtype` (B alone when d is per row: it is applied to h then), folded in at least fp32."""
+    wide = torch.promote_types(dtype, torch.float32)
+    return (B.to(wide) * d.to(wide) if d.dim() == 1 else B.to(wide)).to(dtype)
+
+
+def _base_in(x2: Tensor, weight: Tensor, bias: Tensor | None, ct: torch.dtype, layout: str) -> Tensor:
+    """The base layer on 2-D x in the compute dtype, into a fresh buffer the LoRA term is accumulated into."""
+    return base_linear(x2, weight.to(ct), None if bias is None else bias.to(ct), layout)
 
 
 def lora_linear_cached(x: Tensor, weight: Tensor, bias: Tensor | None, Ac: Tensor, Bd: Tensor,
@@ -145,9 +153,7 @@ def lora_linear_cached(x: Tensor, weight: Tensor, bias: Tensor | None, Ac: Tenso
     unless it is per row): two small GEMMs and nothing else per layer."""
     ct = Ac.dtype
     x2 = x.reshape(-1, x.shape[-1]).to(ct)
-    w = weight.to(ct)
-    wt = w.t() if layout == "out_in" else w
-    y = torch.addmm(bias.to(ct), x2, wt) if bias is not None else x2 @ wt
+    y = _base_in(x2, weight, bias, ct, layout)
     h = x2 @ Ac.t()
     if rows is not None:
         h = scale_rows(h, rows.to(ct), x.shape[0])

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import (base_linear, check_rows, compute_dtype, lora_embedding, lora_linear, lora_linear_cached,
-                         lora_linear_reference)
+from .functional import (base_linear, check_rows, compute_dtype, fold_scale, lora_embedding, lora_linear,
+                         lora_linear_cached, lora_linear_reference)
 
 BlendWeight = float | Tensor
 
@@ -110,10 +110,9 @@ class LoRALayer(nn.Module):
             return cache[1], cache[2]
         with torch.no_grad():
             A, B = self.stacked(list(names))
-            d = self.blend_scale
-            wide = torch.promote_types(dtype, torch.float32)  # fold d in at least fp32 (fp64 stays fp64)
-            Bd = B.to(wide) * d.to(wide) if d.dim() == 1 else B.to(wide)
-            Ac, Bd = A.to(dtype, copy=True), Bd.to(dtype, copy=True)  # copies: never aliases of the parameters
+            Ac, Bd = A.to(dtype, copy=True), fold_scale(B, self.blend_scale, dtype)
+            if Bd.data_ptr() == B.data_ptr():
+                Bd = Bd.clone()  # the cache must never alias a parameter (it is rewritten in place)
             if cache is not None and cache[1].shape == Ac.shape and cache[2].shape == Bd.shape \
                     and cache[1].dtype == dtype and cache[1].device == Ac.device:
                 cache[1].copy_(Ac)

@@ -98,9 +98,13 @@ def _refuse_non_finite(plan, stacks) -> None:
     bounds = torch.stack([b.cpu() for b in bounds]).tolist()
     bad = [path for (path, layer, _), b in zip(plan, bounds)
            if not (b == b and b <= torch.finfo(layer.weight.dtype).max)]
+    _refuse(bad, plan[0][1].weight.dtype)
+
+
+def _refuse(bad: list[str], dtype: torch.dtype) -> None:
     if bad:
         raise ValueError(f"refusing to merge: the delta of {len(bad)} module(s) is NaN/inf or would overflow "
-                         f"{plan[0][1].weight.dtype}: {bad[:8]}{' ...' if len(bad) > 8 else ''}. "
+                         f"{dtype}: {bad[:8]}{' ...' if len(bad) > 8 else ''}. "
                          "The adapter holds non-finite or huge values; nothing was written.")
 
 
@@ -142,25 +146,23 @@ def _fused_applies(plan) -> bool:
 def _merge_fused(plan) -> None:
     """Group same-shape layers, run the read-only check pass on every group, refuse (nothing written) or apply."""
     groups: dict[tuple, list] = {}
-    for _, layer, mix in plan:
+    for path, layer, mix in plan:
         key = (layer.weight.dtype, layer.layout, tuple(layer.weight.shape),
                tuple(layer.lora_A[n].shape[0] for n in mix))
-        groups.setdefault(key, []).append((layer, mix))
+        groups.setdefault(key, []).append((path, layer, mix))
     built = []
     for (_, layout, _, _), members in groups.items():
         factors = [[(layer.lora_A[n], layer.lora_B[n], w * layer.scaling[n]) for n, w in mix.items()]
-                   for layer, mix in members]
-        g = merge_triton.build_group([layer.weight.detach() for layer, _ in members], layout, factors)
+                   for _, layer, mix in members]
+        g = merge_triton.build_group([layer.weight.detach() for _, layer, _ in members], layout, factors)
         built.append((g, members, merge_triton.check(g)))
-    counts = torch.cat([c for _, _, c in built]).cpu()  # the one host sync of a merge
-    bad = [p for p, (layer, _) in zip(counts[:, 0].tolist(), [m for _, ms, _ in built for m in ms]) if p]
-    if bad:
-        raise ValueError(f"refusing to merge: the delta of {len(bad)} module(s) is NaN/inf or would overflow "
-                         f"{plan[0][1].weight.dtype}. The adapter holds non-finite or huge values; nothing was written.")
+    counts = torch.cat([c for _, _, c in built]).cpu().tolist()  # the one host sync of a merge
+    in_order = [m for _, members, _ in built for m in members]
+    _refuse([path for (path, _, _), (non_finite, _) in zip(in_order, counts) if non_finite], plan[0][1].weight.dtype)
     row = 0
     for g, members, _ in built:
-        merge_triton.apply(g, counts[row:row + len(members), 1].tolist())
-        for slot, (layer, mix) in enumerate(members):
+        merge_triton.apply(g, [overflow for _, overflow in counts[row:row + len(members)]])
+        for slot, (_, layer, mix) in enumerate(members):
             layer.merged = FusedMergeRecord(weights=mix, group=g, slot=slot)
         row += len(members)
 

@@ -141,6 +141,7 @@ class Group:
     ov_layer: Tensor | None = None
     ov_index: Tensor | None = None
     ov_value: Tensor | None = None
+    ov_total: int = 0  # entries in the overflow list (set by apply)
 
     def nbytes(self) -> int:
         extra = [self.factors, *self.tables.values(), *self.corrections]
@@ -151,6 +152,8 @@ class Group:
 def build_group(weights: list[Tensor], layout: str, factors: list[list[tuple[Tensor, Tensor, float]]]) -> Group:
     """Snapshot the factors (one cat) and build the pointer tables. factors[layer] = [(A_a, B_a, s_a), ...]."""
     dev, W0 = weights[0].device, weights[0]
+    if len({A.shape[0] for per in factors for A, _, _ in per}) != 1:
+        raise ValueError("fused merge needs one rank for every adapter of a group (merge.py falls back otherwise)")
     ranks = tuple(A.shape[0] for A, _, _ in factors[0])
     parts = [t.reshape(-1) for per in factors for A, B, _ in per for t in (A.detach(), B.detach())]
     flat = torch.cat(parts)
@@ -160,8 +163,6 @@ def build_group(weights: list[Tensor], layout: str, factors: list[list[tuple[Ten
         off += t.numel()
     A_ptrs, B_ptrs = ptrs[0::2], ptrs[1::2]
     M, N = W0.shape
-    if len(set(A.shape[0] for per in factors for A, _, _ in per)) != 1:
-        raise ValueError("fused merge needs one rank for every adapter of a group (merge.py falls back otherwise)")
     R = ranks[0]
     if layout == "out_in":  # W [out, in]: P = B [out, R], Q = A [R, in]
         P, Q, strides = B_ptrs, A_ptrs, (R, 1, N, 1)
@@ -216,18 +217,16 @@ def restore(g: Group, out: list[Tensor] | None = None, only: int | None = None) 
     `only`: restore just that layer of the group (into out[0]), e.g. to fingerprint a merged model's base.
     """
     t = dict(g.tables)
-    M, N = g.shape
     if only is not None:
         t = {k: v[only:only + 1] if k in ("W", "C") else v for k, v in t.items()}
         na = len(g.ranks)
         t["P"], t["Q"], t["S"] = (t[k][only * na:(only + 1) * na] for k in ("P", "Q", "S"))
-    targets = out if out is not None else None
-    t["O"] = (torch.tensor([o.data_ptr() for o in targets], dtype=torch.int64).to(g.weights[0].device)
-              if targets is not None else t["W"])
+    t["O"] = (torch.tensor([o.data_ptr() for o in out], dtype=torch.int64).to(g.weights[0].device)
+              if out is not None else t["W"])
     grid, kw = _launch_args(g)
     grid = (grid[0], grid[1], 1 if only is not None else grid[2])
     _unmerge_kernel[grid](g.weights[0], t["W"], t["O"], t["C"], t["P"], t["Q"], t["S"], *g.shape, *g.strides, **kw)
-    total = getattr(g, "ov_total", 0)
+    total = g.ov_total
     if total:
         layer, index, value = g.ov_layer[:total], g.ov_index[:total], g.ov_value[:total]
         if only is not None:

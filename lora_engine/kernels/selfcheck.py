@@ -47,7 +47,7 @@ def check_merge(dtype: torch.dtype, n_adapters: int) -> str:
     merge(model, mix)
     recs = {p: l.merged for p, l in layers.items()}
     assert all(isinstance(r, FusedMergeRecord) for r in recs.values()), "fused path not taken"
-    overflow = sum(getattr(r.group, "ov_total", 0) for r in {id(r.group): r for r in recs.values()}.values())
+    overflow = sum(r.group.ov_total for r in {id(r.group): r for r in recs.values()}.values())
     worst = 0.0
     for p, l in layers.items():
         A, B = l.stacked(list(mix))

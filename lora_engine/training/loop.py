@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import synthetic
 from .checkpoint import (ADAPTER_FILE, STATE_FILE, best_checkpoint, clean_leftovers, latest_checkpoint,
-                         list_checkpoints, load_state, prune_checkpoints, read_meta, rng_state, set_rng_state,
+                         list_checkpoints, load_state, prune_checkpoints, rng_state, set_rng_state,
                          write_checkpoint)
 from .config import TrainConfig
 from .data import BatchStream, fixed_batches

@@ -2,22 +2,19 @@
 each flag of scripts/train.py --help and scripts/prepare_dataset.py --help (so a new flag needs its entry)."""
 import argparse
 import dataclasses
-import importlib.util
 import re
 
 import yaml
 
 from lora_engine.training import TrainConfig
 from tests.docs.error_messages import REPO
+from tests.script_loader import load_script
 
 GUIDE = (REPO / "docs" / "training_guide.md").read_text()
 
 
 def _parser(script: str) -> argparse.ArgumentParser:
-    spec = importlib.util.spec_from_file_location(f"_doc_{script}", REPO / "scripts" / f"{script}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build_parser()
+    return load_script(script).build_parser()
 
 
 def _flags(parser: argparse.ArgumentParser) -> list[str]:

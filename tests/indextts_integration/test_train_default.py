@@ -3,7 +3,6 @@ the embedded default (made on first use, then reused); task options reach the ta
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +13,7 @@ import pytest
 import yaml
 
 from lora_engine.training import TrainConfig
+from tests.script_loader import load_script
 
 pytestmark = pytest.mark.upstream
 
@@ -22,10 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("train_script_upstream", REPO / "scripts" / "train.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("train")
 
 
 def _train(cache: Path, *args: str) -> subprocess.CompletedProcess:

@@ -3,7 +3,6 @@ wrong-base adapter; the report shows every section for the base and both checkpo
 with their reasons, and the run finishes."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -17,13 +16,12 @@ from indextts_integration import model_dir as md
 from indextts_integration.demo_sentences import DEMO_SENTENCES
 from indextts_integration.report import BEST, SECTIONS
 from lora_engine import LoRASpec, inject_lora, lora_layers, save_adapter
+from tests.script_loader import load_script
 
 pytestmark = pytest.mark.upstream
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "validate.py"
-_spec = importlib.util.spec_from_file_location("validate_script", SCRIPT)
-validate_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(validate_script)
+validate_script = load_script("validate")
 TEXTS = ["Hello there, this is a test.", "She sells sea shells by the sea shore."]
 
 

@@ -1,7 +1,6 @@
 """scripts/blend.py: an exact stacked-rank blend of adapter files, with provenance, that applied alone equals
 the runtime set_blend of its sources; --help explains; bad sources are refused without writing anything."""
 import hashlib
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,11 +12,10 @@ import torch
 from lora_engine import LoRASpec, inject_lora, load_adapter, lora_layers, save_adapter, set_blend
 from lora_engine.adapter_io import read_adapter_file
 from tests.lora_engine.helpers import randomize_lora, reference_layer, tiny_gpt2
+from tests.script_loader import load_script
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "blend.py"
-_spec = importlib.util.spec_from_file_location("blend_script", SCRIPT)
-blend_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(blend_script)
+blend_script = load_script("blend")
 IDS = torch.tensor([[1, 5, 9, 2, 33, 7], [4, 4, 60, 0, 12, 3]])
 
 

@@ -1,7 +1,6 @@
 """scripts/train.py: --help documents the flags, YAML + flag precedence, task dispatch, the synthetic default."""
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ import pytest
 import yaml
 
 from lora_engine.training.metrics import read_metrics
+from tests.script_loader import load_script
 
 from .conftest import REPO, subprocess_env
 
@@ -21,10 +21,7 @@ SEED_FLAGS = ["--train-manifest", "--val-manifest", "--output-dir", "--epochs", 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("train_script", REPO / "scripts" / "train.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("train")
 
 
 def test_help_explains_every_flag(script) -> None:
