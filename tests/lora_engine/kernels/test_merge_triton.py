@@ -60,3 +60,56 @@ def test_fused_merge_kernels_exact_in_triton_interpreter(dtype, layout):
     p = subprocess.run([sys.executable, "-c", SCRIPT, "3", dtype, layout], env=env, capture_output=True, text=True,
                        timeout=600)
     assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]
+
+
+MERGE_PY = r'''
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+from lora_engine import LoRASpec, inject_lora, lora_layers
+import sys
+mm = sys.modules["lora_engine.merge"]
+from lora_engine.kernels import merge_triton as mt
+torch.manual_seed(0)
+model = nn.Module()
+model.a, model.b, model.c = nn.Linear(24, 40), nn.Linear(24, 40), Conv1D(48, 24)
+model.to(torch.bfloat16)
+for name in ("v0", "v1"):
+    inject_lora(model, LoRASpec(["a", "b", "c"], rank=4, alpha=8), name)
+with torch.no_grad():
+    for layer in lora_layers(model).values():
+        for p in [*layer.lora_A.values(), *layer.lora_B.values()]:
+            p.normal_(0, 0.3)
+layers = lora_layers(model)
+orig = {k: l.weight.detach().clone() for k, l in layers.items()}
+mix = {"v0": 0.7, "v1": -0.4}
+mm._merge_fused(mm._plan(model, mix))  # what merge() runs on CUDA; here through Triton's interpreter
+recs = {k: l.merged for k, l in layers.items()}
+assert all(isinstance(r, mm.FusedMergeRecord) for r in recs.values())
+assert len({id(r.group) for r in recs.values()}) == 2  # a and b share one group (same shape), c has its own
+for k, l in layers.items():
+    A, B = l.stacked(list(mix))
+    want = (orig[k].float() + mm.delta_weight(A.detach(), B.detach(), l.stacked_scale(mix).float(), l.layout))
+    assert (l.weight.float() - want.to(torch.bfloat16).float()).abs().max() <= 2 ** -7 * want.abs().max()
+for g in {id(r.group): r.group for r in recs.values()}.values():
+    mt.restore(g)
+for l in layers.values():
+    l.merged = None
+assert all(torch.equal(l.weight, orig[k]) for k, l in layers.items())
+with torch.no_grad():
+    layers["c"].lora_B["v0"][0, 0] = float("nan")
+try:
+    mm._merge_fused(mm._plan(model, mix))
+    raise AssertionError("NaN merged")
+except ValueError as e:
+    assert "['c']" in str(e) and "nothing was written" in str(e), e
+assert all(torch.equal(l.weight, orig[k]) and l.merged is None for k, l in layers.items())
+print("ok")
+'''
+
+
+def test_merge_py_fused_path_groups_applies_restores_and_refuses_in_interpreter():
+    """merge._merge_fused (the CUDA path of merge()) end to end on CPU tensors through the interpreter."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.run([sys.executable, "-c", MERGE_PY], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]
