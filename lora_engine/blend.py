@@ -11,9 +11,15 @@ from .inject import adapter_names, lora_layers
 from .layers import BlendWeight
 
 
-def check_weights(model: nn.Module, weights: Mapping[str, BlendWeight], allow_rows: bool = True) -> None:
-    """Refuse unknown adapters, non-finite weights and per-row tensors of the wrong shape."""
-    known = adapter_names(model)
+def check_weights(model: nn.Module, weights: Mapping[str, BlendWeight], allow_rows: bool = True,
+                  layers: Mapping[str, nn.Module] | None = None) -> None:
+    """Refuse unknown adapters, non-finite weights and per-row tensors of the wrong shape.
+
+    `layers`: the model's lora_layers() when the caller already has them (saves walking the model again)."""
+    if layers is None:
+        known = adapter_names(model)
+    else:
+        known = list({n: None for layer in layers.values() for n in layer.lora_A.keys()})
     unknown = [n for n in weights if n not in known]
     if unknown:
         raise KeyError(f"unknown adapter(s) {unknown}; the model has {known}")

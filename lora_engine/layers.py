@@ -73,6 +73,11 @@ class LoRALayer(nn.Module):
         if name in self.blend:
             self.set_blend({k: v for k, v in self.blend.items() if k != name})
 
+    def factor_pair(self, name: str) -> tuple[Tensor, Tensor]:
+        """(A, B) of one adapter: the ParameterDicts' own entries, read without nn.Module's attribute lookup."""
+        A, B = self.lora_A._parameters.get(name), self.lora_B._parameters.get(name)
+        return (A, B) if A is not None and B is not None else (self.lora_A[name], self.lora_B[name])
+
     @property
     def adapters(self) -> list[str]:
         return list(self.lora_A.keys())

@@ -24,6 +24,7 @@ from .inject import lora_layers
 from .kernels import merge_triton
 from .layers import LoRALayer
 
+GROUP_CACHE_ATTR = "_lora_merge_groups"  # on the root module: the fused merge's prepared groups, for reuse
 _BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
          torch.float64: torch.int64}
 
@@ -62,9 +63,9 @@ def _bits(t: Tensor) -> Tensor:
     return t.view(_BITS[t.dtype]).to(torch.int64)
 
 
-def _plan(model: nn.Module, weights: Mapping[str, float] | None) -> list[tuple[str, LoRALayer, dict]]:
+def _plan(layers: Mapping[str, LoRALayer], weights: Mapping[str, float] | None) -> list[tuple[str, LoRALayer, dict]]:
     plan = []
-    for path, layer in lora_layers(model).items():
+    for path, layer in layers.items():
         if weights is None:
             if any(isinstance(w, Tensor) for w in layer.blend.values()):
                 raise ValueError("the active blend has per-row tensor weights, which cannot be merged: "
@@ -119,12 +120,13 @@ def merge(model: nn.Module, weights: Mapping[str, float] | None = None) -> list[
         raise RuntimeError("the model is already merged: call unmerge(model) first")
     if weights is not None:
         weights = dict(weights)
-        check_weights(model, weights, allow_rows=False)
-    plan = _plan(model, weights)
+        check_weights(model, weights, allow_rows=False, layers=layers)
+    plan = _plan(layers, weights)
     if not plan:
         raise ValueError("nothing to merge: no adapter is active and no weights were given")
-    if _fused_applies(plan):
-        _merge_fused(plan)
+    factors = _factors(plan)
+    if _fused_applies(plan, factors):
+        _merge_fused(plan, factors, model.__dict__.setdefault(GROUP_CACHE_ATTR, {}))
         return [path for path, _, _ in plan]
     stacks = [_stacked(layer, mix) for _, layer, mix in plan]
     _refuse_non_finite(plan, stacks)
@@ -133,38 +135,58 @@ def merge(model: nn.Module, weights: Mapping[str, float] | None = None) -> list[
     return [path for path, _, _ in plan]
 
 
-def _fused_applies(plan) -> bool:
+def _factors(plan) -> list[list[tuple[Tensor, Tensor, float]]]:
+    """Per planned layer: (A_a, B_a, w_a * s_a) for each adapter of its mix (each parameter looked up once)."""
+    return [[(*layer.factor_pair(n), w * layer.scaling[n]) for n, w in mix.items()] for _, layer, mix in plan]
+
+
+def _fused_applies(plan, factors) -> bool:
     """CUDA weights, fp32 factors and one rank per layer's mix: the grouped kernels take it."""
     if merge_triton.triton is None:
         return False
-    factors = [layer.lora_A[n] for _, layer, mix in plan for n in mix] + \
-              [layer.lora_B[n] for _, layer, mix in plan for n in mix]
-    same_rank = all(len({layer.lora_A[n].shape[0] for n in mix}) == 1 for _, layer, mix in plan)
-    return same_rank and merge_triton.available([layer.weight for _, layer, _ in plan], factors)
+    same_rank = all(len({A.shape[0] for A, _, _ in per}) == 1 for per in factors)
+    tensors = [t for per in factors for A, B, _ in per for t in (A, B)]
+    return same_rank and merge_triton.available([layer.weight for _, layer, _ in plan], tensors)
 
 
-def _merge_fused(plan) -> None:
-    """Group same-shape layers, run the read-only check pass on every group, refuse (nothing written) or apply."""
+def _merge_fused(plan, factors, cache: dict) -> None:
+    """Group same-shape layers and merge each group in one pass; one host sync reads what the pass found.
+
+    A non-finite W' is never written (the kernel leaves that element and marks it), so a refusal is an exact
+    unmerge of what was written; an overflow list that ran out of slots (rare) is redone with the exact size.
+    `cache` keeps each group's factor snapshot and pointer tables for the next merge of the same, unchanged
+    adapters (merge_triton.prepare checks every tensor's identity, storage and version).
+    """
     groups: dict[tuple, list] = {}
-    for path, layer, mix in plan:
-        key = (layer.weight.dtype, layer.layout, tuple(layer.weight.shape),
-               tuple(layer.lora_A[n].shape[0] for n in mix))
-        groups.setdefault(key, []).append((path, layer, mix))
+    for entry, per in zip(plan, factors):
+        W = entry[1].weight
+        key = (W.dtype, entry[1].layout, tuple(W.shape), tuple(A.shape[0] for A, _, _ in per))
+        groups.setdefault(key, []).append((entry, per))
     built = []
-    for (_, layout, _, _), members in groups.items():
-        factors = [[(layer.lora_A[n], layer.lora_B[n], w * layer.scaling[n]) for n, w in mix.items()]
-                   for _, layer, mix in members]
-        g = merge_triton.build_group([layer.weight.detach() for _, layer, _ in members], layout, factors)
-        built.append((g, members, merge_triton.check(g)))
-    counts = torch.cat([c for _, _, c in built]).cpu().tolist()  # the one host sync of a merge
-    in_order = [m for _, members, _ in built for m in members]
-    _refuse([path for (path, _, _), (non_finite, _) in zip(in_order, counts) if non_finite], plan[0][1].weight.dtype)
-    row = 0
-    for g, members, _ in built:
-        merge_triton.apply(g, [overflow for _, overflow in counts[row:row + len(members)]])
+    for key, members in groups.items():
+        weights = [entry[1].weight.detach() for entry, _ in members]
+        g = merge_triton.prepare(cache.get(key), weights, key[1], [per for _, per in members])
+        cache[key] = g
+        merge_triton.launch_merge(g)
+        built.append((g, [entry for entry, _ in members]))
+    for key in [k for k in cache if k not in groups]:
+        del cache[key]  # only the last merge's groups are kept
+    found = merge_triton.finish([g for g, _ in built])  # the one host sync of a merge
+    bad = [path for (g, members), (non_finite, _) in zip(built, found)
+           for (path, _, _), n in zip(members, non_finite) if n]
+    if bad:
+        for g, _ in built:
+            merge_triton.restore(g)
+        _refuse(bad, plan[0][1].weight.dtype)
+    short = [(g, asked) for (g, _), (_, asked) in zip(built, found) if asked > g.ov_total]
+    for g, asked in short:  # the overflow list was too small: undo this group exactly, redo with the exact size
+        merge_triton.restore(g)
+        merge_triton.launch_merge(g, capacity=asked)
+    if short:
+        merge_triton.finish([g for g, _ in short])
+    for g, members in built:
         for slot, (_, layer, mix) in enumerate(members):
             layer.merged = FusedMergeRecord(weights=mix, group=g, slot=slot)
-        row += len(members)
 
 
 def _merge_layer(layer: LoRALayer, mix: dict[str, float], A: Tensor, B: Tensor, d: Tensor) -> MergeRecord:

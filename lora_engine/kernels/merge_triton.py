@@ -1,14 +1,20 @@
 """Grouped, fused merge / unmerge on CUDA: one launch per group of same-shape layers, one pass over the weights.
 
 merge.py's reference path runs ~15 tensor ops per layer (delta GEMM, fp32 copies, bit arithmetic, a sync per
-layer for the overflow list): about 70 bytes of traffic per weight element and hundreds of launches. Here:
-  check pass  (read W)              W' = rnd(W + delta), back = rnd(W' - delta), c = bits(W) - bits(back):
-                                    count non-finite W' (refuse before writing) and |c| > 127 (overflow list size)
-  apply pass  (read W, write W, c)  W <- W', correction c as int8, overflow originals to an exact-size list
-  unmerge     (read W', c, write W) W <- bits(rnd(W' - delta)) + c, then the overflow originals scattered back
-delta = sum_a s_a B_a A_a is recomputed in every pass from a snapshot of the factors (fp32, IEEE dot: no TF32),
-always by the same code, so `back` is bit-identical between merge and unmerge. About 5 bytes per element per
-pass; the only host sync is the one that reads the check pass's counts.
+layer for the overflow list): about 70 bytes of traffic per weight element and hundreds of launches. Here one
+pass each way, about 5 bytes per element:
+  merge    (read W, write W, c)  W' = rnd(W + delta), back = rnd(W' - delta), c = bits(W) - bits(back) as int8;
+                                 the rare |c| > 127 keep W's original in an overflow list (slots reserved with one
+                                 atomic per tile). An element that cannot be merged safely -- W' not finite, or
+                                 no overflow slot left -- is not written at all: c = -128 marks it "unchanged".
+  unmerge  (read W', c, write W) W <- bits(rnd(W' - delta)) + c (W' itself where c = -128), then the overflow
+                                 originals scattered back.
+The host reads the counts once after the merge pass: a non-finite element means unmerge (bit-exact, the unwritten
+elements untouched) and refuse; a full overflow list (rare) means unmerge and redo with an exact-size list.
+
+delta = sum_a s_a B_a A_a is recomputed in every pass from a snapshot of the factors, on tensor cores for 16-bit
+weights ("tf32x3": a three-product split that keeps ~fp32 accuracy) and with IEEE fp32 FMAs for fp32 weights,
+always by the same code and the same tile configuration, so `back` is bit-identical between merge and unmerge.
 """
 from __future__ import annotations
 
@@ -23,7 +29,10 @@ try:
 except ImportError:  # the CPU wheel has no triton: merge.py uses its PyTorch path
     triton = None
 
-BM, BN = 64, 128
+# Tile configuration (benchmarks/tune_merge.py sweeps it on the GPU). A Group keeps the one it was merged with:
+# unmerge must recompute delta with exactly the same code to be bit-exact.
+CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 1}
+UNCHANGED = -128  # correction value of an element the merge pass did not write
 _BITS = {torch.bfloat16: 16, torch.float16: 16, torch.float32: 32}
 
 
@@ -37,19 +46,19 @@ def available(weights: list[Tensor], factors: list[Tensor]) -> bool:
 if triton is not None:
     @triton.jit
     def _delta(P_tab, Q_tab, S_tab, layer, offs_m, offs_n, M, N, NA: tl.constexpr, R: tl.constexpr,
-               RP: tl.constexpr, spm, spr, sqr, sqn):
+               RP: tl.constexpr, spm, spr, sqr, sqn, PREC: tl.constexpr):
         """fp32 tile of sum_a s_a P_a Q_a; P_a [M, R], Q_a [R, N] addressed by strides (both layouts)."""
         r = tl.arange(0, RP)
         acc = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=tl.float32)
         for a in tl.static_range(NA):
             p_ptr = tl.load(P_tab + layer * NA + a).to(tl.pointer_type(tl.float32))
             q_ptr = tl.load(Q_tab + layer * NA + a).to(tl.pointer_type(tl.float32))
-            s = tl.load(S_tab + layer * NA + a)
+            s = tl.load(S_tab + layer * NA + a).to(tl.float32)
             p = tl.load(p_ptr + offs_m[:, None] * spm + r[None, :] * spr,
                         mask=(offs_m[:, None] < M) & (r[None, :] < R), other=0.0)
             q = tl.load(q_ptr + r[:, None] * sqr + offs_n[None, :] * sqn,
                         mask=(r[:, None] < R) & (offs_n[None, :] < N), other=0.0)
-            acc += tl.dot(p * s, q, input_precision="ieee")
+            acc += tl.dot(p * s, q, input_precision=PREC)
         return acc
 
     @triton.jit
@@ -69,54 +78,55 @@ if triton is not None:
         return offs_m, offs_n, mask, offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
 
     @triton.jit
-    def _merge_kernel(W0, W_tab, C_tab, P_tab, Q_tab, S_tab, counts, ov_base, cursor, ov_layer, ov_index, ov_value,
+    def _merge_kernel(W0, W_tab, C0, P_tab, Q_tab, S_tab, counts, ov_layer, ov_index, ov_value, capacity,
                       M, N, spm, spr, sqr, sqn, NA: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
-                      BITS: tl.constexpr, APPLY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                      BITS: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """counts: [layers] non-finite W' per layer, then [1] the overflow slots asked for (the cursor)."""
         layer = tl.program_id(2)
         offs_m, offs_n, mask, flat = _tile(M, N, BLOCK_M, BLOCK_N)
         w_ptr = tl.load(W_tab + layer).to(W0.dtype)
         w = tl.load(w_ptr + flat, mask=mask, other=0.0)
-        delta = _delta(P_tab, Q_tab, S_tab, layer, offs_m, offs_n, M, N, NA, R, RP, spm, spr, sqr, sqn)
+        delta = _delta(P_tab, Q_tab, S_tab, layer, offs_m, offs_n, M, N, NA, R, RP, spm, spr, sqr, sqn, PREC)
         new = (w.to(tl.float32) + delta).to(w.dtype)
         back = (new.to(tl.float32) - delta).to(w.dtype)
         diff = _bits(w, BITS) - _bits(back, BITS)
-        over = mask & ((diff > 127) | (diff < -127))
-        if APPLY:
-            tl.store(w_ptr + flat, new, mask=mask)
-            c_ptr = tl.load(C_tab + layer).to(tl.pointer_type(tl.int8))
-            tl.store(c_ptr + flat, tl.where(over, 0, diff).to(tl.int8), mask=mask)
-            n_over = tl.sum(tl.sum(over.to(tl.int32), 1), 0)
-            if n_over > 0:  # rare: reserve a run of slots for the whole tile with one atomic, then a prefix sum
-                start = tl.atomic_add(cursor + layer, n_over)
-                o = tl.reshape(over, [BLOCK_M * BLOCK_N])
-                pos = tl.load(ov_base + layer) + start + tl.cumsum(o.to(tl.int32), 0) - 1
-                tl.store(ov_index + pos, tl.reshape(flat, [BLOCK_M * BLOCK_N]), mask=o)
-                tl.store(ov_value + pos, tl.reshape(w, [BLOCK_M * BLOCK_N]), mask=o)
-                tl.store(ov_layer + pos, layer + tl.zeros_like(pos).to(tl.int32), mask=o)
-        else:
-            newf = new.to(tl.float32)
-            bad = mask & ((newf - newf) != 0.0)  # NaN or +-inf
-            tl.atomic_add(counts + 2 * layer, tl.sum(tl.sum(bad.to(tl.int32), 1), 0))
-            tl.atomic_add(counts + 2 * layer + 1, tl.sum(tl.sum(over.to(tl.int32), 1), 0))
+        newf = new.to(tl.float32)
+        keep = mask & ((newf - newf) != 0.0)  # NaN or +-inf: leave W as it is
+        over = mask & ~keep & ((diff > 127) | (diff < -127))
+        n_bad = tl.sum(tl.sum(keep.to(tl.int32), 1), 0)
+        if n_bad > 0:
+            tl.atomic_add(counts + layer, n_bad)
+        n_over = tl.sum(tl.sum(over.to(tl.int32), 1), 0)
+        if n_over > 0:  # rare: reserve a run of slots for the whole tile with one atomic, then a prefix sum
+            start = tl.atomic_add(counts + tl.num_programs(2), n_over)
+            o = tl.reshape(over, [BLOCK_M * BLOCK_N])
+            pos = start + tl.cumsum(o.to(tl.int32), 0) - 1
+            stored = o & (pos < capacity)
+            tl.store(ov_index + pos, tl.reshape(flat, [BLOCK_M * BLOCK_N]), mask=stored)
+            tl.store(ov_value + pos, tl.reshape(w, [BLOCK_M * BLOCK_N]), mask=stored)
+            tl.store(ov_layer + pos, layer + tl.zeros_like(pos), mask=stored)
+            keep = keep | (over & ~tl.reshape(stored, [BLOCK_M, BLOCK_N]))  # no slot left: leave unchanged
+        c = tl.where(keep, -128, tl.where(over, 0, diff))  # -128: UNCHANGED
+        tl.store(w_ptr + flat, new, mask=mask & ~keep)
+        tl.store(C0 + layer.to(tl.int64) * M * N + flat, c.to(tl.int8), mask=mask)
 
     @triton.jit
-    def _unmerge_kernel(W0, W_tab, O_tab, C_tab, P_tab, Q_tab, S_tab, M, N, spm, spr, sqr, sqn, NA: tl.constexpr,
-                        R: tl.constexpr, RP: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
+    def _unmerge_kernel(W0, W_tab, O_tab, C0, c_layer0, P_tab, Q_tab, S_tab, M, N, spm, spr, sqr, sqn, NA: tl.constexpr,
+                        R: tl.constexpr, RP: tl.constexpr, BITS: tl.constexpr, PREC: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         layer = tl.program_id(2)
         offs_m, offs_n, mask, flat = _tile(M, N, BLOCK_M, BLOCK_N)
         w_ptr = tl.load(W_tab + layer).to(W0.dtype)
         o_ptr = tl.load(O_tab + layer).to(W0.dtype)
-        c_ptr = tl.load(C_tab + layer).to(tl.pointer_type(tl.int8))
         new = tl.load(w_ptr + flat, mask=mask, other=0.0)
-        delta = _delta(P_tab, Q_tab, S_tab, layer, offs_m, offs_n, M, N, NA, R, RP, spm, spr, sqr, sqn)
+        delta = _delta(P_tab, Q_tab, S_tab, layer, offs_m, offs_n, M, N, NA, R, RP, spm, spr, sqr, sqn, PREC)
         back = (new.to(tl.float32) - delta).to(new.dtype)
-        c = tl.load(c_ptr + flat, mask=mask, other=0)
+        c = tl.load(C0 + (c_layer0 + layer).to(tl.int64) * M * N + flat, mask=mask, other=0)
         if BITS == 16:
             out = (_bits(back, BITS) + c.to(tl.int32)).to(tl.int16).to(new.dtype, bitcast=True)
         else:
             out = (_bits(back, BITS) + c.to(tl.int64)).to(tl.int32).to(new.dtype, bitcast=True)
-        tl.store(o_ptr + flat, out, mask=mask)
+        tl.store(o_ptr + flat, tl.where(c == -128, new, out), mask=mask)  # -128: UNCHANGED
 
     @triton.jit
     def _scatter_kernel(W0, O_tab, ov_layer, ov_index, ov_value, total, BLOCK: tl.constexpr):
@@ -132,21 +142,43 @@ class Group:
     """Layers merged together by one launch: same weight shape/dtype/layout and the same adapter ranks."""
 
     weights: list[Tensor]
-    corrections: list[Tensor]
     factors: Tensor  # flat fp32 snapshot of every A_a and B_a of the group (the delta is recomputed from it)
-    tables: dict[str, Tensor]  # device pointer tables: W, C, P, Q (int64) and S (fp32 scales)
+    tables: dict[str, Tensor]  # device pointer tables: W, P, Q (int64) and S (fp64 scales), one transfer
     shape: tuple[int, int]
     strides: tuple[int, int, int, int]
     ranks: tuple[int, ...]
+    config: dict  # the tile configuration merge and unmerge share
+    key: tuple = ()  # what the snapshot was taken from (see `prepare`)
+    sources: list = dataclasses.field(default_factory=list)  # the factor tensors, held so their ids stay unique
+    corrections: Tensor | None = None  # int8 [layers, M * N] while merged
     ov_layer: Tensor | None = None
     ov_index: Tensor | None = None
     ov_value: Tensor | None = None
-    ov_total: int = 0  # entries in the overflow list (set by apply)
+    ov_total: int = 0  # entries in the overflow list (set once the merge pass is counted)
+    counts: Tensor | None = None  # device [layers + 1] of the last merge pass: non-finite per layer, overflow asked
 
     def nbytes(self) -> int:
-        extra = [self.factors, *self.tables.values(), *self.corrections]
-        extra += [t for t in (self.ov_layer, self.ov_index, self.ov_value) if t is not None]
+        extra = [self.factors, *self.tables.values()]
+        extra += [t for t in (self.corrections, self.ov_layer, self.ov_index, self.ov_value) if t is not None]
         return sum(t.numel() * t.element_size() for t in extra)
+
+
+def _key(weights: list[Tensor], factors: list[list[tuple[Tensor, Tensor, float]]]) -> tuple:
+    """Identity, storage and version of every input: equal keys mean the same snapshot and pointer tables."""
+    return (tuple(CONFIG.items()), tuple((w.data_ptr(), w.shape) for w in weights),
+            tuple((id(A), A._version, A.data_ptr(), id(B), B._version, B.data_ptr(), s)
+                  for per in factors for A, B, s in per))
+
+
+def prepare(prev: Group | None, weights: list[Tensor], layout: str,
+            factors: list[list[tuple[Tensor, Tensor, float]]]) -> Group:
+    """`prev` again if it was built from exactly these (unchanged) tensors and scales, else a new group."""
+    key = _key(weights, factors)
+    if prev is not None and prev.key == key and prev.corrections is None:
+        return prev
+    g = build_group(weights, layout, factors)
+    g.key, g.sources = key, [t for per in factors for A, B, _ in per for t in (A, B)]
+    return g
 
 
 def build_group(weights: list[Tensor], layout: str, factors: list[list[tuple[Tensor, Tensor, float]]]) -> Group:
@@ -157,75 +189,87 @@ def build_group(weights: list[Tensor], layout: str, factors: list[list[tuple[Ten
     ranks = tuple(A.shape[0] for A, _, _ in factors[0])
     parts = [t.reshape(-1) for per in factors for A, B, _ in per for t in (A.detach(), B.detach())]
     flat = torch.cat(parts)
-    ptrs, off = [], 0
-    for t in parts:
-        ptrs.append(flat.data_ptr() + 4 * off)
-        off += t.numel()
-    A_ptrs, B_ptrs = ptrs[0::2], ptrs[1::2]
+    base, sizes = flat.data_ptr(), [t.numel() for t in parts]
+    offsets = [0] * len(sizes)
+    for i in range(1, len(sizes)):
+        offsets[i] = offsets[i - 1] + sizes[i - 1]
+    ptrs = [base + 4 * o for o in offsets]
     M, N = W0.shape
     R = ranks[0]
     if layout == "out_in":  # W [out, in]: P = B [out, R], Q = A [R, in]
-        P, Q, strides = B_ptrs, A_ptrs, (R, 1, N, 1)
+        P, Q, strides = ptrs[1::2], ptrs[0::2], (R, 1, N, 1)
     else:  # W [in, out]: P = A^T (P[m, r] = A[r, m]), Q = B^T (Q[r, n] = B[n, r])
-        P, Q, strides = A_ptrs, B_ptrs, (1, M, 1, R)
-    corrections = torch.empty(len(weights), M * N, dtype=torch.int8, device=dev)
-    cs = [corrections[i].view(M, N) for i in range(len(weights))]
-    scales = [s for per in factors for _, _, s in per]
-    host = torch.tensor([[w.data_ptr() for w in weights], [c.data_ptr() for c in cs]], dtype=torch.int64)
-    pq = torch.tensor([P, Q], dtype=torch.int64)
-    tables = {"W": host[0], "C": host[1], "P": pq[0], "Q": pq[1], "S": torch.tensor(scales, dtype=torch.float32)}
-    tables = {k: v.to(dev) for k, v in tables.items()}
-    return Group(list(weights), cs, flat, tables, (M, N), strides, ranks)
+        P, Q, strides = ptrs[0::2], ptrs[1::2], (1, M, 1, R)
+    scales = torch.tensor([s for per in factors for _, _, s in per], dtype=torch.float64).view(torch.int64)
+    L, K = len(weights), len(P)
+    table = torch.cat([torch.tensor([w.data_ptr() for w in weights] + P + Q, dtype=torch.int64), scales]).to(dev)
+    tables = {"W": table[:L], "P": table[L:L + K], "Q": table[L + K:L + 2 * K],
+              "S": table[L + 2 * K:].view(torch.float64)}
+    return Group(list(weights), flat, tables, (M, N), strides, ranks, dict(CONFIG))
 
 
 def _launch_args(g: Group):
     M, N = g.shape
-    R = g.ranks[0]
-    grid = (triton.cdiv(M, BM), triton.cdiv(N, BN), len(g.weights))
-    return grid, dict(NA=len(g.ranks), R=R, RP=max(16, triton.next_power_of_2(R)), BITS=_BITS[g.weights[0].dtype],
-                      BLOCK_M=BM, BLOCK_N=BN)
+    R, cfg = g.ranks[0], g.config
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), len(g.weights))
+    bits = _BITS[g.weights[0].dtype]
+    return grid, dict(NA=len(g.ranks), R=R, RP=max(16, triton.next_power_of_2(R)), BITS=bits,
+                      PREC="ieee" if bits == 32 else "tf32x3", **cfg)
 
 
-def check(g: Group) -> Tensor:
-    """Launch the read-only pass; returns a device tensor [layers, 2]: (non-finite W', overflow corrections)."""
-    grid, kw = _launch_args(g)
-    counts = torch.zeros(len(g.weights), 2, dtype=torch.int32, device=g.weights[0].device)
-    t, dummy = g.tables, counts
-    _merge_kernel[grid](g.weights[0], t["W"], t["C"], t["P"], t["Q"], t["S"], counts, dummy, dummy, dummy, dummy,
-                        g.weights[0], *g.shape, *g.strides, APPLY=False, **kw)
-    return counts
+def default_capacity(g: Group) -> int:
+    """Overflow slots to reserve before the counts are known: typically a few per 10,000 elements overflow."""
+    return max(1024, len(g.weights) * g.shape[0] * g.shape[1] // 1024)
 
 
-def apply(g: Group, overflow_counts: list[int]) -> None:
-    """Write W' and the corrections; the overflow list is sized exactly from the check pass."""
-    dev, total = g.weights[0].device, sum(overflow_counts)
-    base = torch.tensor([0] + overflow_counts[:-1], dtype=torch.int64).cumsum(0).to(dev)
-    cursor = torch.zeros(len(g.weights), dtype=torch.int32, device=dev)
-    g.ov_layer = torch.empty(max(total, 1), dtype=torch.int32, device=dev)
-    g.ov_index = torch.empty(max(total, 1), dtype=torch.int64, device=dev)
-    g.ov_value = torch.empty(max(total, 1), dtype=g.weights[0].dtype, device=dev)
+def launch_merge(g: Group, capacity: int | None = None) -> None:
+    """Write W' and the corrections (no host sync); `g.counts` holds what `finish` reads."""
+    dev, (M, N) = g.weights[0].device, g.shape
+    capacity = default_capacity(g) if capacity is None else max(1, capacity)
+    g.corrections = torch.empty(len(g.weights), M * N, dtype=torch.int8, device=dev)
+    g.counts = torch.zeros(len(g.weights) + 1, dtype=torch.int32, device=dev)
+    g.ov_layer = torch.empty(capacity, dtype=torch.int32, device=dev)
+    g.ov_index = torch.empty(capacity, dtype=torch.int64, device=dev)
+    g.ov_value = torch.empty(capacity, dtype=g.weights[0].dtype, device=dev)
     grid, kw = _launch_args(g)
     t = g.tables
-    _merge_kernel[grid](g.weights[0], t["W"], t["C"], t["P"], t["Q"], t["S"], cursor, base, cursor, g.ov_layer,
-                        g.ov_index, g.ov_value, *g.shape, *g.strides, APPLY=True, **kw)
-    g.ov_total = total
+    _merge_kernel[grid](g.weights[0], t["W"], g.corrections, t["P"], t["Q"], t["S"], g.counts, g.ov_layer, g.ov_index,
+                        g.ov_value, capacity, M, N, *g.strides, **kw)
+
+
+def finish(groups: list[Group]) -> list[tuple[list[int], int]]:
+    """One host sync for all groups: per group (non-finite count per layer, overflow slots asked for).
+
+    Sets each group's `ov_total` to the entries actually stored (all of them unless the list was full)."""
+    counts = torch.cat([g.counts for g in groups]).tolist()
+    out, row = [], 0
+    for g in groups:
+        L = len(g.weights)
+        asked = counts[row + L]
+        g.ov_total = min(asked, g.ov_layer.numel())
+        out.append((counts[row:row + L], asked))
+        row += L + 1
+    return out
 
 
 def restore(g: Group, out: list[Tensor] | None = None, only: int | None = None) -> None:
     """Unmerge: write the original bits into the weights (or into `out`, leaving the weights as they are).
 
     `only`: restore just that layer of the group (into out[0]), e.g. to fingerprint a merged model's base.
+    A full restore into the weights frees the corrections and the overflow list.
     """
     t = dict(g.tables)
+    first = 0
     if only is not None:
-        t = {k: v[only:only + 1] if k in ("W", "C") else v for k, v in t.items()}
-        na = len(g.ranks)
+        first, na = only, len(g.ranks)
+        t["W"] = t["W"][only:only + 1]
         t["P"], t["Q"], t["S"] = (t[k][only * na:(only + 1) * na] for k in ("P", "Q", "S"))
     t["O"] = (torch.tensor([o.data_ptr() for o in out], dtype=torch.int64).to(g.weights[0].device)
               if out is not None else t["W"])
     grid, kw = _launch_args(g)
     grid = (grid[0], grid[1], 1 if only is not None else grid[2])
-    _unmerge_kernel[grid](g.weights[0], t["W"], t["O"], t["C"], t["P"], t["Q"], t["S"], *g.shape, *g.strides, **kw)
+    _unmerge_kernel[grid](g.weights[0], t["W"], t["O"], g.corrections, first, t["P"], t["Q"], t["S"], *g.shape,
+                          *g.strides, **kw)
     total = g.ov_total
     if total:
         layer, index, value = g.ov_layer[:total], g.ov_index[:total], g.ov_value[:total]
@@ -235,3 +279,6 @@ def restore(g: Group, out: list[Tensor] | None = None, only: int | None = None) 
         if layer.numel():
             _scatter_kernel[(triton.cdiv(layer.numel(), 1024),)](g.weights[0], t["O"], layer, index, value,
                                                                  layer.numel(), BLOCK=1024)
+    if out is None and only is None:
+        g.corrections = g.ov_layer = g.ov_index = g.ov_value = g.counts = None
+        g.ov_total = 0

@@ -1,0 +1,76 @@
+"""Sweep the fused merge kernels' tile configuration on the GPU (merge_triton.CONFIG) at IndexTTS2's GPT shape.
+
+    python benchmarks/tune_merge.py --out results/tune_merge.json
+
+For every configuration: merge / unmerge of the whole GPT (one adapter, and a 4-adapter blend), median of CUDA
+event times, the host-side wall time of merge() (its Python and launch cost), and a bit-exact restore check.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_merge import BLEND4, _cycle_times  # noqa: E402
+from benchmarks.models import add_ours, build_base, gpt_config  # noqa: E402
+from lora_engine import lora_layers, merge, unmerge  # noqa: E402
+from lora_engine.kernels import merge_triton  # noqa: E402
+
+CONFIGS = [dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=1),
+           dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=1),
+           dict(BLOCK_M=64, BLOCK_N=256, num_warps=8, num_stages=1),
+           dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=1),
+           dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=1),
+           dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None, help="write the sweep as JSON here")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes (a smoke test, e.g. with TRITON_INTERPRET=1)")
+    args = ap.parse_args()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = add_ours(copy.deepcopy(build_base(gpt_config(args.tiny), dev, torch.bfloat16).eval()), list(BLEND4))
+    original = {p: l.weight.detach().clone() for p, l in lora_layers(model).items()}
+    rows = []
+    for cfg in CONFIGS:
+        merge_triton.CONFIG.update(cfg)
+        try:
+            m1, u1 = _cycle_times(lambda: merge(model, {"a0": 1.0}), lambda: unmerge(model), args.iters, 3)
+            m4, u4 = _cycle_times(lambda: merge(model, BLEND4), lambda: unmerge(model), args.iters, 3)
+            walls = []
+            for _ in range(10):
+                torch.cuda.synchronize() if dev == "cuda" else None
+                t0 = time.perf_counter()
+                merge(model, {"a0": 1.0})
+                walls.append((time.perf_counter() - t0) * 1e3)
+                unmerge(model)
+            changed = sum(int((l.weight.detach() != original[p]).sum()) for p, l in lora_layers(model).items())
+            row = dict(cfg, merge_ms=m1["median_ms"], unmerge_ms=u1["median_ms"], blend4_merge_ms=m4["median_ms"],
+                       blend4_unmerge_ms=u4["median_ms"], merge_wall_ms=sorted(walls)[5], bits_changed=changed)
+        except Exception as e:  # a configuration that does not compile is a row, not the end of the sweep
+            row = dict(cfg, error=repr(e)[:300])
+            for layer in lora_layers(model).values():
+                if layer.merged is not None:
+                    unmerge(model)
+                    break
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    ok = [r for r in rows if "error" not in r and r["bits_changed"] == 0]
+    best = min(ok, key=lambda r: r["merge_ms"] + r["unmerge_ms"] + r["blend4_merge_ms"]) if ok else None
+    print("best:", json.dumps(best))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"rows": rows, "best": best}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
