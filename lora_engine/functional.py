@@ -83,11 +83,11 @@ class _LoRALinearFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, d, s, layout):
+    def forward(ctx, x, weight, bias, A, B, d, s, layout, casts):
         ct = compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1]).to(ct)
         y = _base_in(x2, weight, bias, ct, layout)
-        Ac, Bc = A.to(ct), B.to(ct)
+        Ac, Bc = casts if casts is not None and casts[0].dtype == ct else (A.to(ct), B.to(ct))
         h = x2 @ Ac.t()
         if s is None:
             y.addmm_(scale_rows(h, d.to(ct), x.shape[0]), Bc.t())
@@ -117,20 +117,21 @@ class _LoRALinearFn(torch.autograd.Function):
             dA = _mm(u.t(), x2, s, ctx.grad_dtypes[0])
         if ctx.needs_input_grad[4]:
             dB = _mm(dy2.t(), h, s, ctx.grad_dtypes[1])
-        return dx, None, None, dA, dB, None, None, None
+        return dx, None, None, dA, dB, None, None, None, None
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, d: Tensor,
-                layout: str, s: float | None = None) -> Tensor:
+                layout: str, s: float | None = None, casts: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Fast path for a frozen base: y = base(x) + ((x A^T) * d) B^T in one output buffer.
 
     `s`: when not None, d is that one uniform scale (the usual single-adapter case), applied in training as the
-    GEMMs' alpha. Under no_grad this is the uncached inference form (layers cache the cast factors and call
-    `lora_linear_cached`).
+    GEMMs' alpha. `casts`: A and B already in the compute dtype (exactly A.to(dtype), B.to(dtype); see
+    train_casts.py), used when that dtype is the one autocast picks. Under no_grad this is the uncached inference
+    form (layers cache the cast factors and call `lora_linear_cached`).
     """
     check_rows(x, d)
     if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad):
-        return _LoRALinearFn.apply(x, weight, bias, A, B, d, s, layout)
+        return _LoRALinearFn.apply(x, weight, bias, A, B, d, s, layout, casts)
     ct = compute_dtype(x)  # d stays a tensor here: no recompile under torch.compile when the blend changes
     rows = None if d.dim() == 1 else d
     return lora_linear_cached(x, weight, bias, A.to(ct), fold_scale(B, d, ct), rows, layout)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .functional import (base_linear, check_rows, compute_dtype, fold_scale, lora_embedding, lora_linear,
                          lora_linear_cached, lora_linear_reference)
+from .train_casts import cast_factors
 
 BlendWeight = float | Tensor
 
@@ -206,8 +207,12 @@ def _adapted(layer: LoRALayer, x: Tensor) -> Tensor:
                                      layer.blend_scales(), [layer.dropout_p[n] for n in names], layer.training)
     d = layer.blend_scale
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
-        A, B = layer.stacked(list(layer.blend))
-        return lora_linear(x, layer.weight, layer.bias, A, B, d, layer.layout, layer.uniform_scale)
+        names = list(layer.blend)
+        A, B = layer.factor_pair(names[0]) if len(names) == 1 else layer.stacked(names)
+        casts = None
+        if len(names) == 1 and A.requires_grad and not torch.compiler.is_compiling():
+            casts = cast_factors(layer, A, B, compute_dtype(x))  # one multi-tensor cast per step for all layers
+        return lora_linear(x, layer.weight, layer.bias, A, B, d, layer.layout, layer.uniform_scale, casts)
     check_rows(x, d)  # no grad, eager: cached cast factors, two small GEMMs per layer
     Ac, Bd = layer.inference_factors(compute_dtype(x))
     return lora_linear_cached(x, layer.weight, layer.bias, Ac, Bd, d if d.dim() == 2 else None, layer.layout)
