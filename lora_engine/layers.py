@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .functional import (base_linear, check_rows, compute_dtype, fold_scale, lora_embedding, lora_linear,
                          lora_linear_cached, lora_linear_reference)
+from .kernels import lora_gemv_triton
 from .train_casts import cast_factors
 
 BlendWeight = float | Tensor
@@ -106,11 +107,16 @@ class LoRALayer(nn.Module):
         into the same storage when the shapes allow, so a CUDA graph captured earlier sees the new values.
         """
         names = tuple(self.blend)
-        factors = [(self.lora_A[n], self.lora_B[n]) for n in names]
+        # read through the registries, not nn.Module.__getattr__: this runs for every layer of every decoded token
+        As, Bs = self._modules["lora_A"]._parameters, self._modules["lora_B"]._parameters
+        d = self._buffers["blend_scale"]
         # versions catch in-place updates (optimizer steps, load_adapter); data_ptr and device catch replaced
         # storage (`.to(device)`, `p.data = ...`), which does not bump a version counter
-        key = (dtype, names, self.weight.device, self.blend_scale._version, self.blend_scale.data_ptr(),
-               tuple((A._version, B._version, A.data_ptr(), B.data_ptr()) for A, B in factors))
+        key = [dtype, names, self._parameters["weight"].device, d._version, d.data_ptr()]
+        for n in names:
+            A, B = As[n], Bs[n]
+            key += (A._version, B._version, A.data_ptr(), B.data_ptr())
+        key = tuple(key)
         cache = self._factors
         if cache is not None and cache[0] == key:
             return cache[1], cache[2]
@@ -157,8 +163,9 @@ class LoRALayer(nn.Module):
 
     def use_reference(self) -> bool:
         """The fast path assumes a frozen base and no dropout in the LoRA branch."""
-        frozen = not self.weight.requires_grad and not (getattr(self, "bias", None) is not None
-                                                        and self.bias.requires_grad)
+        params = self._parameters  # not nn.Module.__getattr__: this runs on every forward
+        bias = params["bias"] if "bias" in params else getattr(self, "bias", None)
+        frozen = not params["weight"].requires_grad and not (bias is not None and bias.requires_grad)
         no_dropout = not self.training or all(self.dropout_p[n] == 0.0 for n in self.blend)
         return not (frozen and no_dropout)
 
@@ -213,9 +220,17 @@ def _adapted(layer: LoRALayer, x: Tensor) -> Tensor:
         if len(names) == 1 and A.requires_grad and not torch.compiler.is_compiling():
             casts = cast_factors(layer, A, B, compute_dtype(x))  # one multi-tensor cast per step for all layers
         return lora_linear(x, layer.weight, layer.bias, A, B, d, layer.layout, layer.uniform_scale, casts)
-    check_rows(x, d)  # no grad, eager: cached cast factors, two small GEMMs per layer
+    # no grad, eager: cached cast factors; one fused launch for a few rows (decode), else two small GEMMs
+    if d.dim() == 2:  # a mix per row of the batch
+        check_rows(x, d)
+        Ac, Bd = layer.inference_factors(compute_dtype(x))
+        return lora_linear_cached(x, layer.weight, layer.bias, Ac, Bd, d, layer.layout)
     Ac, Bd = layer.inference_factors(compute_dtype(x))
-    return lora_linear_cached(x, layer.weight, layer.bias, Ac, Bd, d if d.dim() == 2 else None, layer.layout)
+    params = layer._parameters
+    weight, bias = params["weight"], params["bias"] if "bias" in params else layer.bias
+    if lora_gemv_triton.applies(x, weight, Ac):
+        return lora_gemv_triton.lora_gemv(x, weight, bias, Ac, Bd, layer.layout)
+    return lora_linear_cached(x, weight, bias, Ac, Bd, None, layer.layout)
 
 
 class LoRAEmbedding(LoRALayer):

@@ -96,10 +96,40 @@ def check_training_path(dtype: torch.dtype) -> str:
     return f"training fast path (bf16 autocast, {dtype} base): rel errs {', '.join(f'{e:.1e}' for e in errs)}"
 
 
+def check_decode_kernel(layout: str, n_adapters: int) -> str:
+    """The one-launch decode kernel (lora_gemv_triton) against the two-GEMM cached path and float64."""
+    from lora_engine.kernels import lora_gemv_triton as gemv
+    torch.manual_seed(2)
+    inp, out = 1280, 3840
+    W = (torch.randn((out, inp) if layout == "out_in" else (inp, out), device="cuda") * 0.02).to(torch.bfloat16)
+    bias = (torch.randn(out, device="cuda") * 0.1).to(torch.bfloat16)
+    A = torch.randn(8 * n_adapters, inp, device="cuda") / inp ** 0.5
+    B = torch.randn(out, 8 * n_adapters, device="cuda") * 0.05
+    Ac, Bd = A.to(torch.bfloat16), Fn.fold_scale(B, torch.full((8 * n_adapters,), 0.5, device="cuda"), torch.bfloat16)
+    worst = 0.0
+    for rows in (1, 3):
+        x = torch.randn(rows, 1, inp, device="cuda")  # fp32, as LayerNorm gives it under autocast
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            assert gemv.applies(x, W, Ac), "the decode kernel does not take a bf16 one-token forward"
+            got = gemv.lora_gemv(x, W, bias, Ac, Bd, layout)
+            ref = Fn.lora_linear_cached(x, W, bias, Ac, Bd, None, layout)
+        xr = x.to(torch.bfloat16).double().reshape(rows, inp)
+        Wd = W.double() if layout == "in_out" else W.double().t()
+        want = (xr @ Wd + bias.double() + (xr @ Ac.double().t()) @ Bd.double().t()).reshape(got.shape)
+        err = ((got.double() - want).norm() / want.norm()).item()
+        err_ref = ((ref.double() - want).norm() / want.norm()).item()
+        assert err <= max(2 * err_ref, 4e-3), f"decode kernel {layout} rows={rows}: rel err {err:.1e} (cuBLAS {err_ref:.1e})"
+        worst = max(worst, err)
+    return f"decode kernel {layout} R={8 * n_adapters}: rel err vs float64 {worst:.1e} (rows 1 and 3)"
+
+
 def run_all() -> list[str]:
     lines = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for n in (1, 4):
             lines.append(check_merge(dtype, n))
         lines.append(check_training_path(dtype))
+    for layout in ("in_out", "out_in"):
+        for n in (1, 4):
+            lines.append(check_decode_kernel(layout, n))
     return lines

@@ -1,0 +1,196 @@
+"""One-launch LoRA forward for decode: base GEMV + bias + LoRA in a single Triton kernel (no grad, few rows).
+
+For a few rows of x (M <= 8 after flattening: one-token decode) every LoRA layer is launch-bound. PyTorch's cached
+inference path (`functional.lora_linear_cached`) runs four kernels per layer (cast x, base addmm, h = x Ac^T,
+y += h Bd^T); the base alone runs two. This kernel does all of it in one launch:
+
+    xr      = x rounded to the weight dtype (bf16/fp16), as autocast would (x may arrive fp32: LayerNorm output)
+    h[m, r] = sum_k xr[m, k] Ac[r, k]                                      Ac [R, in]
+    y[m, n] = sum_k xr[m, k] W(k, n) + bias[n] + sum_r h[m, r] Bd[n, r]    Bd [out, R], the blend d folded in
+
+with W(k, n) = W[k, n] for "in_out" (transformers Conv1D, [in, out]) and W[n, k] for "out_in" (nn.Linear).
+Products accumulate in fp32; h is rounded to the weight dtype before its product with Bd (as the cuBLAS path
+stores it); y is written in the weight dtype, which is the compute dtype (what the PyTorch path returns).
+
+Grid: one program per BLOCK_N output columns, each looping over K in BLOCK_K steps. Every program recomputes h
+for its rows (Ac is R x in: it stays in L2), which is what lets one launch do everything. Each program computes its
+block transposed (y^T = W^T xr^T + Bd h^T) so that the output columns are the MMA's long side, split across warps,
+and the rows of x its short side, padded to 16; R is padded to a power of two >= 16 (tl.dot's minimum); masks
+cover any in/out/R. Used by `layers._adapted` for no-grad eager forwards when `applies` says so;
+`benchmarks/tune_gemv.py` times it and sweeps the tile configuration on the GPU.
+
+Triton's interpreter (TRITON_INTERPRET=1, the CPU tests) multiplies bf16 as raw integers and truncates fp32 -> bf16;
+the constexpr INTERPRETER switches in exact workarounds there (fp32 products, round-to-nearest on the bits).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU wheel has no triton: layers use the PyTorch path
+    triton = None
+
+MAX_ROWS = 8  # rows of x (after flattening) this kernel takes; beyond that the GEMMs are no longer launch-bound
+MAX_RANK = 256  # the h accumulator [R, 16] and the Ac tiles stay in registers / shared memory up to this
+_DTYPES = (torch.bfloat16, torch.float16)
+TUNED: dict[tuple[int, int], dict] = {}  # (in, out) -> tiles measured best by benchmarks/tune_gemv.py on the GPU
+_launches: dict[tuple, tuple] = {}  # shapes, dtypes, layout -> (grid, constexpr kwargs): checked and built once
+
+
+def set_config(in_dim: int, out_dim: int, config: dict | None) -> None:
+    """Use these tiles (BLOCK_N, BLOCK_K, num_warps, num_stages) for every [in -> out] layer; None: the default."""
+    if config is None:
+        TUNED.pop((in_dim, out_dim), None)
+    else:
+        TUNED[(in_dim, out_dim)] = dict(config)
+    _launches.clear()
+
+
+def default_config(in_dim: int, out_dim: int, rank: int) -> dict:
+    """Tiles for a weight of this shape without a TUNED entry (a guess until tune_gemv.py has run on the GPU).
+
+    BLOCK_N: the widest column block that still gives >= 100 programs (an H200 has 132 SMs; the 1280-wide outputs
+    get 16 columns, 80 programs). BLOCK_K: an 8 KB weight tile per pipeline stage, shorter for a large rank (the
+    Ac tile [R, BLOCK_K] shares the stage's shared memory) and no longer than `in` needs.
+    """
+    block_n = 128
+    while block_n > 16 and -(-out_dim // block_n) < 100:
+        block_n //= 2
+    r_pad = max(16, 1 << (rank - 1).bit_length())
+    block_k = min(max(64, 4096 // block_n), 8192 // r_pad, max(16, 1 << (in_dim - 1).bit_length()))
+    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 4}
+
+
+if triton is not None:
+    @triton.jit
+    def _dot(a, b, acc, INTERPRETER: tl.constexpr):
+        """acc + a @ b, fp32 accumulation. Triton's interpreter multiplies bf16 as raw integers, so there the operands
+        go to fp32 first: exact too, a product of two 16-bit floats fits in fp32."""
+        if INTERPRETER:
+            out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            out = tl.dot(a, b, acc)
+        return out
+
+    @triton.jit
+    def _round(v, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
+        """v rounded to nearest even in `dtype`. Triton's interpreter truncates fp32 -> bf16, so there the rounding is
+        done on the fp32 bits first and the truncation that follows is exact."""
+        if INTERPRETER and dtype == tl.bfloat16:
+            bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            out = bits.to(tl.float32, bitcast=True).to(dtype)
+        else:
+            out = v.to(dtype)
+        return out
+
+    @triton.jit
+    def _lora_gemv_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, M, K, N, R,
+                          W_IN_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr,
+                          INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
+        """y[:M, cols]^T for one block of output columns; x [M, K], Ac [R, K], Bd [N, R], y [M, N] row-major.
+
+        Computed transposed, y^T = W^T xr^T + Bd h^T: the block of output columns is the MMA's long side, split
+        across warps, and the few rows of x its short side (padded to BLOCK_M = 16), so no warp holds a copy of the
+        weight tile."""
+        cdt = w_ptr.dtype.element_ty  # the compute dtype: the weight's
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_r = tl.arange(0, R_PAD)
+        row_ok, col_ok, r_ok = offs_m < M, offs_n < N, offs_r < R
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # (xr W)^T
+        h = tl.zeros((R_PAD, BLOCK_M), dtype=tl.float32)  # (xr Ac^T)^T
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            x = tl.load(x_ptr + offs_m[None, :] * K + offs_k[:, None], mask=k_ok[:, None] & row_ok[None, :],
+                        other=0.0)
+            x = _round(x, cdt, INTERPRETER)  # xr^T [BLOCK_K, BLOCK_M] in the compute dtype, as autocast rounds it
+            if W_IN_OUT:  # W [K, N]: each row of W^T strided, columns of the tile contiguous
+                w_offs = offs_n[:, None] + offs_k[None, :] * N
+            else:  # W [N, K]: W^T's tile rows contiguous
+                w_offs = offs_n[:, None] * K + offs_k[None, :]
+            w = tl.load(w_ptr + w_offs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # W^T tile [BLOCK_N, BLOCK_K]
+            a = tl.load(a_ptr + offs_r[:, None] * K + offs_k[None, :], mask=r_ok[:, None] & k_ok[None, :],
+                        other=0.0)  # Ac tile [R_PAD, BLOCK_K]
+            acc = _dot(w, x, acc, INTERPRETER)
+            h = _dot(a, x, h, INTERPRETER)
+        bd = tl.load(b_ptr + offs_n[:, None] * R + offs_r[None, :], mask=col_ok[:, None] & r_ok[None, :],
+                     other=0.0)  # Bd tile [BLOCK_N, R_PAD]
+        acc = _dot(bd, _round(h, cdt, INTERPRETER), acc, INTERPRETER)  # h rounded, as the cuBLAS path stores it
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptr + offs_m[None, :] * N + offs_n[:, None], _round(acc, cdt, INTERPRETER),
+                 mask=col_ok[:, None] & row_ok[None, :])
+
+    _INTERPRET = type(_lora_gemv_kernel).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1: CPU tensors run
+else:
+    _INTERPRET = False
+
+
+def applies(x: Tensor, weight: Tensor, Ac: Tensor) -> bool:
+    """Whether `lora_gemv` takes this forward: triton; x, weight and Ac on the current CUDA device (Triton launches
+    there; CPU tensors under TRITON_INTERPRET=1); at most MAX_ROWS rows; a contiguous bf16/fp16 weight in the
+    compute dtype (Ac's); not while torch.compile traces."""
+    if triton is None:
+        return False
+    if x.is_cuda:
+        if not (weight.is_cuda and Ac.is_cuda
+                and x.get_device() == weight.get_device() == Ac.get_device() == torch.cuda.current_device()):
+            return False
+    elif not (_INTERPRET and x.device.type == weight.device.type == Ac.device.type == "cpu"):
+        return False
+    k = x.shape[-1] if x.dim() else 0
+    return (0 < x.numel() <= MAX_ROWS * k and weight.dtype in _DTYPES and Ac.dtype == weight.dtype
+            and Ac.shape[0] <= MAX_RANK and weight.is_contiguous() and not torch.compiler.is_compiling())
+
+
+def _launch(key: tuple, config: dict | None) -> tuple:
+    hit = _launches.get(key) if config is None else None
+    if hit is not None:
+        return hit
+    K, w_shape, a_shape, b_shape, bias_shape, b_dtype, w_dtype, layout = key
+    N = w_shape[1] if layout == "in_out" else w_shape[0]
+    R = a_shape[0]
+    want = ((K, N) if layout == "in_out" else (N, K), (R, K), (N, R), (N,) if bias_shape is not None else None)
+    if layout not in ("in_out", "out_in") or (tuple(w_shape), tuple(a_shape), tuple(b_shape), bias_shape) != want \
+            or b_dtype != w_dtype:
+        raise ValueError(f"lora_gemv: for x with {K} features and an {layout!r} weight, expected weight, Ac, Bd, "
+                         f"bias shapes {want} (Bd in the weight's dtype), found {tuple(w_shape)}, {tuple(a_shape)}, "
+                         f"{tuple(b_shape)}, {bias_shape} (Bd {b_dtype}, weight {w_dtype}): pass the factors "
+                         f"LoRALayer.inference_factors returns")
+    cfg = {**default_config(K, N, R), **TUNED.get((K, N), {}), **(config or {})}
+    if cfg["BLOCK_N"] < 16 or cfg["BLOCK_K"] < 16:
+        raise ValueError(f"lora_gemv tiles: BLOCK_N and BLOCK_K must be >= 16 (tl.dot's minimum), got {cfg}")
+    hit = (N, (triton.cdiv(N, cfg["BLOCK_N"]),),
+           dict(W_IN_OUT=layout == "in_out", HAS_BIAS=bias_shape is not None,
+                R_PAD=max(16, triton.next_power_of_2(R)), INTERPRETER=_INTERPRET, BLOCK_M=16, **cfg))
+    if config is None:
+        _launches[key] = hit
+    return hit
+
+
+def lora_gemv(x: Tensor, weight: Tensor, bias: Tensor | None, Ac: Tensor, Bd: Tensor, layout: str,
+              config: dict | None = None) -> Tensor:
+    """y = xr W (+ bias) + (xr Ac^T) Bd^T in one launch, shaped x.shape[:-1] + (out,), in weight.dtype.
+
+    `weight` in `layout` ("in_out" [in, out] or "out_in" [out, in]); Ac [R, in], Bd [out, R] already in weight's
+    dtype with d folded into Bd (`LoRALayer.inference_factors`). Call only where `applies(x, weight, Ac)`.
+    `config`: BLOCK_N, BLOCK_K, num_warps, num_stages for this call only, over TUNED and `default_config`.
+    """
+    K = x.shape[-1]
+    key = (K, weight.shape, Ac.shape, Bd.shape, None if bias is None else tuple(bias.shape), Bd.dtype, weight.dtype,
+           layout)
+    N, grid, kw = _launch(key, config)
+    if not x.is_contiguous():  # rare (x is [.., 1, in] in decode): rows are addressed as m * K + k
+        x = x.contiguous()
+    if not (Ac.is_contiguous() and Bd.is_contiguous()):
+        Ac, Bd = Ac.contiguous(), Bd.contiguous()
+    y = torch.empty((*x.shape[:-1], N), dtype=weight.dtype, device=x.device)
+    _lora_gemv_kernel[grid](x, weight, weight if bias is None else bias, Ac, Bd, y, x.numel() // K, K, N, Ac.shape[0],
+                            **kw)
+    return y

@@ -1,0 +1,224 @@
+"""The fused decode kernel (base GEMV + bias + LoRA in one launch), run on CPU through Triton's interpreter.
+
+The interpreter executes the kernel source with numpy (TRITON_INTERPRET=1, in a subprocess: triton reads it at
+import), so CI proves the indexing, masks, both weight layouts, the in-kernel rounding of x and the hook in
+`layers._adapted`. The compiled kernel is checked on the GPU by benchmarks/tune_gemv.py and by
+kernels/selfcheck.py (`benchmarks/run_all.py --check`).
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_engine.kernels import lora_gemv_triton as lg
+
+ROOT = Path(__file__).resolve().parents[3]
+
+needs_triton = pytest.mark.skipif(lg.triton is None, reason="triton is not importable")
+
+
+def _run(script: str, *args: str) -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stdout[-2000:] + p.stderr[-3000:]
+
+
+KERNEL = r'''
+import itertools, sys
+import torch
+from lora_engine.kernels import lora_gemv_triton as lg
+assert lg._INTERPRET, "the kernel is not running in triton's interpreter"
+layout = sys.argv[1]
+DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SMALL = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}  # several programs and K steps, tails
+
+def case(K, N, R, M, wd, xd, bias, config, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, M, K, generator=g).to(xd)
+    W = (torch.randn(K, N, generator=g) / K ** 0.5).to(wd)
+    A = (torch.randn(R, K, generator=g) / K ** 0.5).to(wd)
+    B = (torch.randn(N, R, generator=g) / R ** 0.5).to(wd)
+    b = torch.randn(N, generator=g).to(wd) if bias else None
+    Wl = W if layout == "in_out" else W.t().contiguous()
+    y = lg.lora_gemv(x, Wl, b, A, B, layout, config=config)
+    assert y.shape == (1, M, N) and y.dtype == wd, (y.shape, y.dtype)
+    xr = x.to(wd).double()  # the same rounded inputs, float64 products
+    lora = (xr @ A.double().t()) @ B.double().t()
+    want = xr @ W.double() + lora + (b.double() if bias else 0.0)
+    scale = want.abs().max().item()
+    err = (y.double() - want).abs().max().item() / scale
+    eps = torch.finfo(wd).eps
+    assert lora.abs().max().item() > 0.2 * scale, "the LoRA term must matter for this test to mean anything"
+    assert err <= eps, f"K={K} N={N} R={R} M={M} {wd} x {xd} bias={bias} {config}: error {err / eps:.2f} eps"
+    return err / eps
+
+worst = 0.0
+for wd, xd, M, R, bias in itertools.product(["bf16", "fp16"], ["fp32", "bf16"], [1, 3], [8, 12, 32], [True, False]):
+    worst = max(worst, case(70, 45, R, M, DT[wd], DT[xd], bias, SMALL, seed=M * 100 + R))
+for seed, (K, N, R, M) in enumerate([(70, 45, 8, 1), (33, 130, 64, 8), (150, 17, 1, 2), (16, 16, 40, 5)]):
+    for wd in ("bf16", "fp16"):  # the default tiles (one K step, one or two programs) and odd shapes
+        worst = max(worst, case(K, N, R, M, DT[wd], DT["fp32"], True, None, seed=seed))
+worst = max(worst, case(70, 45, 32, 1, DT["bf16"], DT["fp16"], True, SMALL, seed=7))  # fp16 x onto bf16 weights
+
+# x is rounded to nearest in the weight dtype before the product: with x = (1 + 0.75 eps, 1) and W(., n) = (1, -1)
+# the product is exactly eps (0.75 eps unrounded, 0 truncated)
+for wd in (torch.bfloat16, torch.float16):
+    eps = torch.finfo(wd).eps
+    x = torch.zeros(2, 20)
+    x[:, 0], x[:, 1] = 1 + 0.75 * eps, 1.0
+    W = torch.zeros(20, 16, dtype=wd)
+    W[0], W[1] = 1.0, -1.0
+    A, B = torch.zeros(8, 20, dtype=wd), torch.randn(16, 8).to(wd)
+    Wl = W if layout == "in_out" else W.t().contiguous()
+    y = lg.lora_gemv(x, Wl, None, A, B, layout, config=SMALL)
+    assert y.shape == (2, 16) and torch.equal(y, torch.full_like(y, eps)), y
+
+# one row as a 1-D x, and a strided x (copied to rows first): the same numbers as the contiguous rows
+W, A, B = torch.randn(40, 24).bfloat16(), torch.randn(8, 40).bfloat16(), torch.randn(24, 8).bfloat16()
+Wl = W if layout == "in_out" else W.t().contiguous()
+xs = torch.randn(3, 80)[:, ::2]
+y = lg.lora_gemv(xs, Wl, None, A, B, layout, config=SMALL)
+assert torch.equal(y, lg.lora_gemv(xs.contiguous(), Wl, None, A, B, layout, config=SMALL))
+y1 = lg.lora_gemv(xs[1].contiguous(), Wl, None, A, B, layout, config=SMALL)
+assert y1.shape == (24,) and torch.equal(y1, y[1])
+print(f"worst {worst:.2f} eps")
+print("ok")
+'''
+
+
+@needs_triton
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+def test_fused_gemv_matches_float64_reference_in_triton_interpreter(layout):
+    _run(KERNEL, layout)
+
+
+LAYERS = r'''
+import copy
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+from lora_engine import LoRASpec, inject_lora, lora_layers, set_blend
+from lora_engine.kernels import lora_gemv_triton as lg
+from tests.lora_engine.helpers import TOL, randomize_lora, reference_layer, tiny_gpt2
+assert lg._INTERPRET
+
+calls = []
+fused, applies = lg.lora_gemv, lg.applies
+def counting(*args, **kw):
+    calls.append((args[5], args[0].dtype))
+    return fused(*args, **kw)
+lg.lora_gemv = counting
+
+def use_fused(on):  # off: the cached PyTorch path (lora_linear_cached)
+    lg.applies = applies if on else (lambda *a: False)
+
+def rel(got, want):
+    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+MIX = {"a0": 0.7, "a1": -0.4, "a2": 1.1, "a3": 0.5}
+SITES = ["h.*.attn.c_attn", "h.*.attn.c_proj", "h.*.mlp.c_fc", "h.*.mlp.c_proj"]
+for dtype in (torch.bfloat16, torch.float16):
+    m = tiny_gpt2(n_layer=2, n_embd=48).to(dtype)
+    for i in range(4):  # four blended rank-8 adapters: R = 32 (48 on c_fc, where a3 has rank 16)
+        inject_lora(m, LoRASpec(SITES if i < 3 else ["h.*.mlp.c_fc"], rank=8 if i < 3 else 16, alpha=16), f"a{i}")
+    randomize_lora(m, std=0.1)
+    set_blend(m, MIX)
+    m64 = copy.deepcopy(m).double()  # the same rounded weights in float64 (its layers take the PyTorch path)
+    set_blend(m64, MIX)
+    for tokens in (1, 5, 12):  # 12 rows: more than MAX_ROWS, the PyTorch path
+        ids = torch.arange(tokens)[None] % 64
+        out = {}
+        for on in (True, False):
+            use_fused(on)
+            calls.clear()
+            with torch.no_grad():
+                out[on] = m(ids).last_hidden_state
+            assert calls == ([("in_out", dtype)] * 8 if on and tokens <= lg.MAX_ROWS else []), (on, tokens, calls)
+        with torch.no_grad():
+            want = m64(ids).last_hidden_state
+        # both paths sit ~1 eps (in norm) from float64 after two blocks, rounding differently on the way
+        fused_err, cached_err = rel(out[True], want), rel(out[False], want)
+        assert fused_err <= 1.5 * cached_err + 0.1 * TOL[dtype] and rel(out[True], out[False]) < TOL[dtype], \
+            (dtype, tokens, fused_err, cached_err)
+        assert rel(out[False], want) < TOL[dtype]
+    use_fused(True)
+    with torch.no_grad():  # the LoRA term is large: without the adapters the output moves far more than that
+        set_blend(m, {})
+        off = m(ids[:, :3]).last_hidden_state
+    assert rel(off, want[:, :3]) > 30 * TOL[dtype]  # (causal: the first 3 of 12 positions are the 3-token output)
+
+# fp32 x under autocast (as LayerNorm hands it over on CUDA) into bf16 nn.Linear and Conv1D: rounded in the kernel
+torch.manual_seed(0)
+m = nn.Module()
+m.lin, m.conv = nn.Linear(70, 45), Conv1D(33, 70)
+nn.init.normal_(m.conv.bias, std=0.5)
+m.to(torch.bfloat16)
+for i in range(3):
+    inject_lora(m, LoRASpec(["lin", "conv"], rank=[8, 12, 4][i], alpha=8), f"a{i}")
+randomize_lora(m, std=0.2)
+mix = {"a0": 1.0, "a1": -0.5, "a2": 2.0}
+set_blend(m, mix)
+x = torch.randn(1, 3, 70)
+for name, layer in lora_layers(m).items():
+    out = {}
+    for on in (True, False):
+        use_fused(on)
+        calls.clear()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out[on] = layer(x)
+        assert calls == ([(layer.layout, torch.float32)] if on else []), calls
+        assert out[on].dtype == torch.bfloat16
+    xr, W, b = x.bfloat16().double(), layer.weight.double(), layer.bias.double()
+    Ac, Bd = (t.double() for t in layer.inference_factors(torch.bfloat16))  # float64 from the same rounded inputs
+    want = xr @ (W.t() if layer.layout == "out_in" else W) + b + (xr @ Ac.t()) @ Bd.t()
+    assert rel(out[True], want) < 0.5 * torch.finfo(torch.bfloat16).eps, (name, rel(out[True], want))
+    assert rel(out[True], out[False]) < TOL[torch.bfloat16]
+    assert rel(want, reference_layer(layer, xr, mix)) < TOL[torch.bfloat16]  # and that is the layer's math
+print("ok")
+'''
+
+
+@needs_triton
+def test_layers_use_fused_kernel_for_few_rows_and_match_cached_path_in_interpreter():
+    """GPT2 (Conv1D layers) in bf16 and fp16: the no-grad forward through the fused kernel equals the cached PyTorch
+    path, more than MAX_ROWS rows keep the PyTorch path; bf16 nn.Linear and Conv1D under autocast take fp32 x."""
+    _run(LAYERS)
+
+
+@needs_triton
+def test_applies_only_to_few_rows_of_a_contiguous_16_bit_weight(monkeypatch):
+    W, A = torch.zeros(20, 30, dtype=torch.bfloat16), torch.zeros(4, 20, dtype=torch.bfloat16)
+    x = torch.zeros(2, 4, 20)
+    monkeypatch.setattr(lg, "_INTERPRET", True)  # CPU tensors count as runnable, as under TRITON_INTERPRET=1
+    assert lg.applies(x, W, A) and lg.applies(x.bfloat16()[0, :1], W, A)
+    assert not lg.applies(torch.zeros(3, 3, 20), W, A)  # 9 rows
+    assert not lg.applies(torch.zeros(0, 20), W, A)
+    assert not lg.applies(x, W.float(), A.float())  # fp32 weights: cuBLAS
+    assert not lg.applies(x, W, A.half())  # compute dtype is not the weight's
+    assert not lg.applies(x, W.t(), A)  # a transposed view
+    assert not lg.applies(x.to("meta"), W.to("meta"), A.to("meta"))
+    monkeypatch.setattr(lg, "_INTERPRET", False)
+    assert not lg.applies(x, W, A)  # CPU tensors, compiled triton: the PyTorch path
+
+
+@needs_triton
+def test_wrong_shapes_are_refused_before_launch():
+    x = torch.zeros(1, 20)
+    W, A, B = (torch.zeros(20, 30, dtype=torch.bfloat16), torch.zeros(4, 20, dtype=torch.bfloat16),
+               torch.zeros(30, 4, dtype=torch.bfloat16))
+    bad = [(W, None, A, B[:, :3], "in_out"), (W, None, A, B, "out_in"),  # [20, 30] read as [out, in]
+           (W, torch.zeros(29, dtype=torch.bfloat16), A, B, "in_out"), (W, None, A, B.half(), "in_out"),
+           (W, None, A, B, "row_major")]
+    for args in bad:
+        with pytest.raises(ValueError, match="expected weight, Ac, Bd, bias shapes"):
+            lg.lora_gemv(x, *args)
+
+
+def test_default_config_runs_enough_programs_for_narrow_outputs():
+    for n_in, n_out in ((1280, 3840), (1280, 1280), (1280, 5120), (5120, 1280)):
+        cfg = lg.default_config(n_in, n_out, 32)
+        assert cfg["BLOCK_N"] >= 16 and (-(-n_out // cfg["BLOCK_N"]) >= 64)
