@@ -12,9 +12,9 @@ pass each way, about 5 bytes per element:
 The host reads the counts once after the merge pass: a non-finite element means unmerge (bit-exact, the unwritten
 elements untouched) and refuse; a full overflow list (rare) means unmerge and redo with an exact-size list.
 
-delta = sum_a s_a B_a A_a is recomputed in every pass from a snapshot of the factors, on tensor cores for 16-bit
-weights ("tf32x3": a three-product split that keeps ~fp32 accuracy) and with IEEE fp32 FMAs for fp32 weights,
-always by the same code and the same tile configuration, so `back` is bit-identical between merge and unmerge.
+delta = sum_a s_a B_a A_a is recomputed in every pass from a snapshot of the factors as R rank-1 fp32 FMA updates
+per element in a fixed order (`_delta`): the same operations whatever the tile shape, so `back` is bit-identical
+between merge and unmerge, and 8-64 FMAs per element keep the passes memory-bound.
 """
 from __future__ import annotations
 
@@ -46,19 +46,22 @@ def available(weights: list[Tensor], factors: list[Tensor]) -> bool:
 if triton is not None:
     @triton.jit
     def _delta(P_tab, Q_tab, S_tab, layer, offs_m, offs_n, M, N, NA: tl.constexpr, R: tl.constexpr,
-               RP: tl.constexpr, spm, spr, sqr, sqn, PREC: tl.constexpr):
-        """fp32 tile of sum_a s_a P_a Q_a; P_a [M, R], Q_a [R, N] addressed by strides (both layouts)."""
-        r = tl.arange(0, RP)
+               spm, spr, sqr, sqn):
+        """fp32 tile of sum_a s_a P_a Q_a; P_a [M, R], Q_a [R, N] addressed by strides (both layouts).
+
+        Rank-1 updates in a fixed order, one fp32 FMA per rank and element: every element's delta is the same
+        sequence of operations whatever the tile shape, so merge and unmerge agree bit for bit (and R of 8 to 64
+        costs 8 to 64 FMAs per element: no tensor-core tile, no layout shuffles)."""
         acc = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=tl.float32)
+        m_ok, n_ok = offs_m < M, offs_n < N
         for a in tl.static_range(NA):
             p_ptr = tl.load(P_tab + layer * NA + a).to(tl.pointer_type(tl.float32))
             q_ptr = tl.load(Q_tab + layer * NA + a).to(tl.pointer_type(tl.float32))
             s = tl.load(S_tab + layer * NA + a).to(tl.float32)
-            p = tl.load(p_ptr + offs_m[:, None] * spm + r[None, :] * spr,
-                        mask=(offs_m[:, None] < M) & (r[None, :] < R), other=0.0)
-            q = tl.load(q_ptr + r[:, None] * sqr + offs_n[None, :] * sqn,
-                        mask=(r[:, None] < R) & (offs_n[None, :] < N), other=0.0)
-            acc += tl.dot(p * s, q, input_precision=PREC)
+            for r in range(R):
+                p = tl.load(p_ptr + offs_m * spm + r * spr, mask=m_ok, other=0.0) * s
+                q = tl.load(q_ptr + r * sqr + offs_n * sqn, mask=n_ok, other=0.0)
+                acc += p[:, None] * q[None, :]
         return acc
 
     @triton.jit
@@ -75,18 +78,18 @@ if triton is not None:
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-        return offs_m, offs_n, mask, offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        return offs_m, offs_n, mask, offs_m[:, None] * N + offs_n[None, :]  # int32: build_group checks M * N
 
     @triton.jit
     def _merge_kernel(W0, W_tab, C0, P_tab, Q_tab, S_tab, counts, ov_layer, ov_index, ov_value, capacity,
-                      M, N, spm, spr, sqr, sqn, NA: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
-                      BITS: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                      M, N, spm, spr, sqr, sqn, NA: tl.constexpr, R: tl.constexpr,
+                      BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """counts: [layers] non-finite W' per layer, then [1] the overflow slots asked for (the cursor)."""
         layer = tl.program_id(2)
         offs_m, offs_n, mask, flat = _tile(M, N, BLOCK_M, BLOCK_N)
         w_ptr = tl.load(W_tab + layer).to(W0.dtype)
         w = tl.load(w_ptr + flat, mask=mask, other=0.0)
-        delta = _delta(P_tab, Q_tab, S_tab, layer, offs_m, offs_n, M, N, NA, R, RP, spm, spr, sqr, sqn, PREC)
+        delta = _delta(P_tab, Q_tab, S_tab, layer, offs_m, offs_n, M, N, NA, R, spm, spr, sqr, sqn)
         new = (w.to(tl.float32) + delta).to(w.dtype)
         back = (new.to(tl.float32) - delta).to(w.dtype)
         diff = _bits(w, BITS) - _bits(back, BITS)
@@ -96,30 +99,30 @@ if triton is not None:
         n_bad = tl.sum(tl.sum(keep.to(tl.int32), 1), 0)
         if n_bad > 0:
             tl.atomic_add(counts + layer, n_bad)
-        n_over = tl.sum(tl.sum(over.to(tl.int32), 1), 0)
-        if n_over > 0:  # rare: reserve a run of slots for the whole tile with one atomic, then a prefix sum
+        o = over.to(tl.int32)
+        n_over = tl.sum(tl.sum(o, 1), 0)
+        if n_over > 0:  # rare: reserve a run of slots for the whole tile with one atomic, then a 2-D prefix sum
             start = tl.atomic_add(counts + tl.num_programs(2), n_over)
-            o = tl.reshape(over, [BLOCK_M * BLOCK_N])
-            pos = start + tl.cumsum(o.to(tl.int32), 0) - 1
-            stored = o & (pos < capacity)
-            tl.store(ov_index + pos, tl.reshape(flat, [BLOCK_M * BLOCK_N]), mask=stored)
-            tl.store(ov_value + pos, tl.reshape(w, [BLOCK_M * BLOCK_N]), mask=stored)
+            row_total = tl.sum(o, 1)
+            pos = start + (tl.cumsum(row_total, 0) - row_total)[:, None] + tl.cumsum(o, 1) - 1
+            stored = over & (pos < capacity)
+            tl.store(ov_index + pos, flat, mask=stored)
+            tl.store(ov_value + pos, w, mask=stored)
             tl.store(ov_layer + pos, layer + tl.zeros_like(pos), mask=stored)
-            keep = keep | (over & ~tl.reshape(stored, [BLOCK_M, BLOCK_N]))  # no slot left: leave unchanged
+            keep = keep | (over & ~stored)  # no slot left: leave unchanged
         c = tl.where(keep, -128, tl.where(over, 0, diff))  # -128: UNCHANGED
         tl.store(w_ptr + flat, new, mask=mask & ~keep)
         tl.store(C0 + layer.to(tl.int64) * M * N + flat, c.to(tl.int8), mask=mask)
 
     @triton.jit
     def _unmerge_kernel(W0, W_tab, O_tab, C0, c_layer0, P_tab, Q_tab, S_tab, M, N, spm, spr, sqr, sqn, NA: tl.constexpr,
-                        R: tl.constexpr, RP: tl.constexpr, BITS: tl.constexpr, PREC: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        R: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         layer = tl.program_id(2)
         offs_m, offs_n, mask, flat = _tile(M, N, BLOCK_M, BLOCK_N)
         w_ptr = tl.load(W_tab + layer).to(W0.dtype)
         o_ptr = tl.load(O_tab + layer).to(W0.dtype)
         new = tl.load(w_ptr + flat, mask=mask, other=0.0)
-        delta = _delta(P_tab, Q_tab, S_tab, layer, offs_m, offs_n, M, N, NA, R, RP, spm, spr, sqr, sqn, PREC)
+        delta = _delta(P_tab, Q_tab, S_tab, layer, offs_m, offs_n, M, N, NA, R, spm, spr, sqr, sqn)
         back = (new.to(tl.float32) - delta).to(new.dtype)
         c = tl.load(C0 + (c_layer0 + layer).to(tl.int64) * M * N + flat, mask=mask, other=0)
         if BITS == 16:
@@ -195,6 +198,9 @@ def build_group(weights: list[Tensor], layout: str, factors: list[list[tuple[Ten
         offsets[i] = offsets[i - 1] + sizes[i - 1]
     ptrs = [base + 4 * o for o in offsets]
     M, N = W0.shape
+    if M * N >= 2 ** 31:
+        raise ValueError(f"fused merge addresses a weight with 32-bit offsets; {M}x{N} is too large "
+                         "(merge.py falls back to its PyTorch path)")
     R = ranks[0]
     if layout == "out_in":  # W [out, in]: P = B [out, R], Q = A [R, in]
         P, Q, strides = ptrs[1::2], ptrs[0::2], (R, 1, N, 1)
@@ -213,8 +219,7 @@ def _launch_args(g: Group):
     R, cfg = g.ranks[0], g.config
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), len(g.weights))
     bits = _BITS[g.weights[0].dtype]
-    return grid, dict(NA=len(g.ranks), R=R, RP=max(16, triton.next_power_of_2(R)), BITS=bits,
-                      PREC="ieee" if bits == 32 else "tf32x3", **cfg)
+    return grid, dict(NA=len(g.ranks), R=R, BITS=bits, **cfg)
 
 
 def default_capacity(g: Group) -> int:
@@ -229,7 +234,7 @@ def launch_merge(g: Group, capacity: int | None = None) -> None:
     g.corrections = torch.empty(len(g.weights), M * N, dtype=torch.int8, device=dev)
     g.counts = torch.zeros(len(g.weights) + 1, dtype=torch.int32, device=dev)
     g.ov_layer = torch.empty(capacity, dtype=torch.int32, device=dev)
-    g.ov_index = torch.empty(capacity, dtype=torch.int64, device=dev)
+    g.ov_index = torch.empty(capacity, dtype=torch.int32, device=dev)
     g.ov_value = torch.empty(capacity, dtype=g.weights[0].dtype, device=dev)
     grid, kw = _launch_args(g)
     t = g.tables

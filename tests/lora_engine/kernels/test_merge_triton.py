@@ -45,6 +45,7 @@ for l in range(L):
     want = (orig[l].float() + delta).to(dtype).float()
     err = ((Ws[l].float() - want).abs() / (want.abs() + delta.abs().max())).max().item()
     assert err <= 4 * eps, f"merged layer {l} off by {err / eps:.2f} eps"
+g.config = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)  # delta does not depend on the tiles
 out = [torch.empty_like(Ws[1])]
 mt.restore(g, out=out, only=1)
 assert torch.equal(out[0], orig[1]) and not torch.equal(Ws[1], orig[1]), "per-layer restore"
