@@ -57,6 +57,11 @@ def unifiedvoice_row(res: dict, args) -> None:
                               **{k: v for k, v in row.items() if k != "unifiedvoice_train_peak_gb"}}
 
 
+def write(res: dict, stem: Path) -> None:
+    stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    stem.with_suffix(".md").write_text(report.markdown(res))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", default=None, help=f"sections to run: {list(SECTIONS) + ['unifiedvoice']}")
@@ -78,6 +83,9 @@ def main() -> None:
     res = {"gpu": gpu_name(), "date": date, "versions": versions(), "command": " ".join(["python"] + sys.argv),
            "ratios": {}, "errors": {}, "section_seconds": {}}
     wanted = args.only or (list(SECTIONS) + ["unifiedvoice"])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{res['gpu']}-{date}{args.tag}"
     for name in wanted:
         if name == "checks" and not args.check:
             continue
@@ -94,12 +102,8 @@ def main() -> None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         print(f"[{name}] done in {res['section_seconds'][name]:.1f}s", flush=True)
+        write(res, stem)  # after every section: a run cut short keeps what it measured
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{res['gpu']}-{date}{args.tag}"
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    stem.with_suffix(".md").write_text(report.markdown(res))
     try:
         report.bar_chart(res, stem.with_suffix(".png"))
     except Exception as e:

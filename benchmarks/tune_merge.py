@@ -24,12 +24,13 @@ from benchmarks.models import add_ours, build_base, gpt_config  # noqa: E402
 from lora_engine import lora_layers, merge, unmerge  # noqa: E402
 from lora_engine.kernels import merge_triton  # noqa: E402
 
-CONFIGS = [dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=1),
-           dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=1),
-           dict(BLOCK_M=64, BLOCK_N=256, num_warps=8, num_stages=1),
-           dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=1),
-           dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=1),
-           dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)]
+CONFIGS = [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1),
+           dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=1),
+           dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=1),
+           dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=1),
+           dict(BLOCK_M=32, BLOCK_N=256, num_warps=8, num_stages=1),
+           dict(BLOCK_M=16, BLOCK_N=256, num_warps=4, num_stages=1),
+           dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=1)]
 
 
 def main() -> None:
