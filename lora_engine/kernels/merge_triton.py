@@ -39,7 +39,7 @@ _BITS = {torch.bfloat16: 16, torch.float16: 16, torch.float32: 32}
 def available(weights: list[Tensor], factors: list[Tensor]) -> bool:
     """The fused path applies to CUDA weights in bf16/fp16/fp32 with fp32 adapter factors."""
     return (triton is not None and bool(weights) and all(w.is_cuda and w.dtype in _BITS and w.dim() == 2
-                                                         for w in weights)
+                                                         and w.numel() < 2 ** 31 for w in weights)
             and all(f.is_cuda and f.dtype == torch.float32 for f in factors))
 
 
