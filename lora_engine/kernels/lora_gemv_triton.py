@@ -21,8 +21,14 @@ cover any in/out/R. Used by `layers._adapted` for no-grad eager forwards when `a
 
 Triton's interpreter (TRITON_INTERPRET=1, the CPU tests) multiplies bf16 as raw integers and truncates fp32 -> bf16;
 the constexpr INTERPRETER switches in exact workarounds there (fp32 products, round-to-nearest on the bits).
+
+After the first launch for a shape and specialization, the compiled kernel is launched directly (`DIRECT_LAUNCH`):
+Triton's own launch path costs more host time than the kernel takes on the GPU.
 """
 from __future__ import annotations
+
+import re
+import warnings
 
 import torch
 from torch import Tensor
@@ -128,8 +134,35 @@ if triton is not None:
                  mask=col_ok[:, None] & row_ok[None, :])
 
     _INTERPRET = type(_lora_gemv_kernel).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1: CPU tensors run
+    _DIRECT = not _INTERPRET and tuple(map(int, re.findall(r"\d+", triton.__version__)[:2])) >= (3, 6)
 else:
-    _INTERPRET = False
+    _INTERPRET = _DIRECT = False
+
+# The trap: Triton's JITFunction.run binds and specializes every argument, builds its cache key and launch metadata
+# in Python on every call, ~25-30 us of host time per launch on the H200 (triton 3.6), more than this kernel runs.
+# So the CompiledKernel that run returns is kept and launched the way run itself launches it (written against
+# triton 3.6 runtime/jit.py, the same in 3.9; older versions take the JIT path):
+#     kernel.run(grid0, grid1, grid2, stream, kernel.function, kernel.packed_metadata, launch_metadata,
+#                launch_enter_hook, launch_exit_hook, *every argument in signature order, constexprs included)
+# The launcher ignores what it is passed for a constexpr, including an int Triton made one (== 1), and trusts the
+# alignment the kernel was compiled for: a call Triton would specialize differently (M == 1, a misaligned pointer)
+# must reach JIT and its own kernel, so `_specialization` is part of the key. Launch hooks keep the JIT path.
+DIRECT_LAUNCH = True
+_compiled: dict[tuple, tuple | None] = {}  # launch key, device, specialization -> (kw, kernel, constexprs); None: JIT
+
+
+def _specialization(ptrs: tuple[Tensor, ...], ints: tuple[int, ...]) -> tuple:
+    """What Triton specializes a launch on beyond the launch key: each pointer's dtype and 16-byte alignment; each
+    int's == 1 (then a constexpr), % 16 == 0 and 32-bit range (triton 3.6 `native_specialize_impl`)."""
+    return (tuple((t.dtype, t.data_ptr() % 16 == 0) for t in ptrs),
+            tuple((v == 1, v % 16 == 0, -2**31 <= v < 2**31) for v in ints))
+
+
+def _jit_only() -> bool:
+    """Whether a launch needs what only JITFunction.run does: launch hooks (profilers), pre-run hooks, TRITON_DEBUG."""
+    rt = triton.knobs.runtime
+    hooks = (getattr(h, "calls", h) for h in (rt.launch_enter_hook, rt.launch_exit_hook))  # HookChain in 3.6
+    return any(hooks) or bool(_lora_gemv_kernel.pre_run_hooks) or rt.debug
 
 
 def applies(x: Tensor, weight: Tensor, Ac: Tensor) -> bool:
@@ -191,6 +224,25 @@ def lora_gemv(x: Tensor, weight: Tensor, bias: Tensor | None, Ac: Tensor, Bd: Te
     if not (Ac.is_contiguous() and Bd.is_contiguous()):
         Ac, Bd = Ac.contiguous(), Bd.contiguous()
     y = torch.empty((*x.shape[:-1], N), dtype=weight.dtype, device=x.device)
-    _lora_gemv_kernel[grid](x, weight, weight if bias is None else bias, Ac, Bd, y, x.numel() // K, K, N, Ac.shape[0],
-                            **kw)
+    args = (x, weight, weight if bias is None else bias, Ac, Bd, y, x.numel() // K, K, N, Ac.shape[0])
+    if not (_DIRECT and DIRECT_LAUNCH and config is None) or _jit_only():
+        _lora_gemv_kernel[grid](*args, **kw)
+        return y
+    dkey = (key, torch.cuda.current_device(), _specialization(args[:6], args[6:]))  # where JIT launches
+    hit = _compiled.get(dkey, False)
+    if hit and hit[0] is kw:  # compiled for these launch parameters (set_config rebuilds kw)
+        _, kernel, constexprs = hit
+        try:
+            kernel.run(grid[0], 1, 1, torch._C._cuda_getCurrentRawStream(dkey[1]), kernel.function,
+                       kernel.packed_metadata, None, None, None, *args, *constexprs)
+            return y
+        except Exception as err:  # another triton's launcher? JIT from now on (a second launch rewrites the same y)
+            warnings.warn(f"lora_gemv: direct launch failed ({err!r}); this launch key takes Triton's JIT launch "
+                          f"from now on")
+            _compiled[dkey] = hit = None
+    kernel = _lora_gemv_kernel[grid](*args, **kw)  # triton 3.x returns the CompiledKernel it launched
+    if hit is not None:  # the first launch of this key and specialization, or the tiles changed
+        ok = getattr(kernel, "function", None) is not None and hasattr(kernel, "packed_metadata")
+        constexprs = tuple(kw[name] for name in _lora_gemv_kernel.arg_names[len(args):])  # in signature order
+        _compiled[dkey] = (kw, kernel, constexprs) if ok else None
     return y

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lora_engine.kernels import lora_gemv_triton as lg
 
@@ -85,6 +87,7 @@ y = lg.lora_gemv(xs, Wl, None, A, B, layout, config=SMALL)
 assert torch.equal(y, lg.lora_gemv(xs.contiguous(), Wl, None, A, B, layout, config=SMALL))
 y1 = lg.lora_gemv(xs[1].contiguous(), Wl, None, A, B, layout, config=SMALL)
 assert y1.shape == (24,) and torch.equal(y1, y[1])
+assert not lg._DIRECT and not lg._compiled  # the interpreter always takes the JIT path
 print(f"worst {worst:.2f} eps")
 print("ok")
 '''
@@ -222,3 +225,121 @@ def test_default_config_runs_enough_programs_for_narrow_outputs():
     for n_in, n_out in ((1280, 3840), (1280, 1280), (1280, 5120), (5120, 1280)):
         cfg = lg.default_config(n_in, n_out, 32)
         assert cfg["BLOCK_N"] >= 16 and (-(-n_out // cfg["BLOCK_N"]) >= 64)
+
+
+def _triton_specialization(args: tuple) -> tuple:
+    """What the installed triton's JITFunction.run specializes each runtime argument on (its binder's call)."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+    return tuple(native_specialize_impl(BaseBackend, a, False, True, True) for a in args)
+
+
+INTS = st.one_of(st.sampled_from([0, 1, 2, 3, 8, 15, 16, 17, 32, 1280, 2**31 - 16, 2**31 - 1, 2**31, -2**31, -1]),
+                 st.integers(-2**40, 2**40))
+
+
+@needs_triton
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([torch.bfloat16, torch.float16, torch.float32]), st.integers(0, 16)),
+                min_size=2, max_size=2), st.lists(INTS, min_size=2, max_size=2))
+def test_direct_launch_key_separates_exactly_what_triton_specializes(ptrs, ints):
+    """Two calls share a direct-launch entry iff triton would bind them to the same compiled kernel: a coarser key
+    would launch a kernel compiled for another alignment or with M == 1 baked in; a finer one recompiles for nothing."""
+    buf = torch.zeros(256, dtype=torch.float32)  # 64-byte aligned; element offsets move the pointer's alignment
+    a, b = (buf.to(dtype)[offset:] for dtype, offset in ptrs)
+    ours = [lg._specialization((t,), (v,)) for t, v in ((a, ints[0]), (b, ints[1]))]
+    theirs = [_triton_specialization((t, v)) for t, v in ((a, ints[0]), (b, ints[1]))]
+    assert (ours[0] == ours[1]) == (theirs[0] == theirs[1]), (ptrs, ints, ours, theirs)
+
+
+def test_direct_launch_key_of_a_decode_call():
+    W, x = torch.zeros(1280, 3840, dtype=torch.bfloat16), torch.zeros(8, 1280)
+    key = lambda x, M, K=1280: lg._specialization((x, W), (M, K, 3840, 8))
+    assert key(x, 2) == key(x, 8)  # 2..8 rows: one kernel, launched directly
+    assert key(x, 1) != key(x, 2)  # M == 1 is a constexpr to triton
+    assert key(x, 2, K=1280) != key(x, 2, K=1288)  # K % 16
+    assert key(x[:, 1:], 2) != key(x, 2) and key(x[:, 4:], 2) == key(x, 2)  # 4 bytes off; 16 bytes off
+    assert key(x.bfloat16(), 2) != key(x, 2)
+
+
+class _FakeCompiled:
+    """Stands for triton 3.6's CompiledKernel: records the launcher calls."""
+    function, packed_metadata = "function", "packed_metadata"
+
+    def __init__(self, log, fail=False):
+        self.log, self.fail = log, fail
+
+    def run(self, *args):
+        if self.fail:
+            raise TypeError("launcher signature changed")
+        self.log.append(("direct", args))
+
+
+class _FakeJIT:
+    """Stands for the JITFunction: `[grid](*args, **kw)` records the call and returns a _FakeCompiled."""
+
+    def __init__(self, log, arg_names, fail=False):
+        self.log, self.arg_names, self.fail, self.pre_run_hooks = log, arg_names, fail, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.log.append(("jit", grid, args, kw))
+            return _FakeCompiled(self.log, self.fail)
+        return launch
+
+
+@needs_triton
+def test_direct_launch_after_first_jit_launch_with_fallbacks(monkeypatch):
+    """The dispatch without a GPU: JIT first, then the launcher with the current stream and every argument in
+    signature order; a new specialization, a launch hook or DIRECT_LAUNCH = False take JIT; a failing launcher
+    makes that key JIT for good."""
+    log = []
+    names = lg._lora_gemv_kernel.arg_names
+    fake = _FakeJIT(log, names)
+    monkeypatch.setattr(lg, "_lora_gemv_kernel", fake)
+    monkeypatch.setattr(lg, "_DIRECT", True)
+    monkeypatch.setattr(lg, "_compiled", {})
+    monkeypatch.setattr(lg, "_launches", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 1000 + device, raising=False)
+    W, A, B, bias = (torch.zeros(s, dtype=torch.bfloat16) for s in ((64, 48), (8, 64), (48, 8), (48,)))
+    x = torch.zeros(2, 64)
+    gemv = lambda x, **kw: lg.lora_gemv(x, W, bias, A, B, "in_out", **kw)
+
+    gemv(x), gemv(x)
+    assert [e[0] for e in log] == ["jit", "direct"]
+    _, grid, jit_args, kw = log[0]
+    _, direct = log[1]
+    assert direct[:9] == (grid[0], 1, 1, 1000, "function", "packed_metadata", None, None, None)
+    assert len(direct[9:]) == len(names) and direct[15:19] == jit_args[6:] == (2, 64, 48, 8)
+    assert direct[19:] == tuple(kw[n] for n in names[10:]) and kw["BLOCK_M"] == 16  # the constexprs, in order
+    assert [a is b for a, b in zip(direct[9:14], (x, W, bias, A, B))] == [True] * 5
+
+    log.clear()
+    gemv(x[:1]), gemv(x[:1]), gemv(x, config={"BLOCK_N": 16}), gemv(x)  # M == 1: its own kernel; per-call tiles: JIT
+    monkeypatch.setattr(lg, "TUNED", {})
+    lg.set_config(64, 48, {"BLOCK_N": 16, "BLOCK_K": 16})  # other constexprs: compiled again
+    gemv(x), gemv(x)
+    assert [e[0] for e in log] == ["jit", "direct", "jit", "direct", "jit", "direct"]
+    assert log[-1][1][-2:] == (16, 16) and log[-1][1][:3] == (3, 1, 1)  # BLOCK_N, BLOCK_K; 48 columns / 16
+
+    log.clear()
+    lg.triton.knobs.runtime.launch_enter_hook.add(print)
+    try:
+        gemv(x)
+    finally:
+        lg.triton.knobs.runtime.launch_enter_hook.remove(print)
+    monkeypatch.setattr(lg, "DIRECT_LAUNCH", False)
+    gemv(x)
+    monkeypatch.setattr(lg, "DIRECT_LAUNCH", True)
+    gemv(x)
+    assert [e[0] for e in log] == ["jit", "jit", "direct"]
+
+    log.clear()
+    fake.fail = True
+    lg._compiled.clear()
+    gemv(x)
+    with pytest.warns(UserWarning, match="direct launch failed"):
+        gemv(x)  # the launcher raises: JIT launches this call, and every later one
+    gemv(x)
+    assert [e[0] for e in log] == ["jit", "jit", "jit"] and list(lg._compiled.values()) == [None]
