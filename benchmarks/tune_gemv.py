@@ -39,14 +39,14 @@ SHAPES = [("attn.c_attn", 1280, 3840), ("attn.c_proj", 1280, 1280), ("mlp.c_fc",
           ("mlp.c_proj", 5120, 1280)]
 LAYERS_PER_TOKEN = 24  # GPT2-sized: each of the four layers once per block
 RANKS = [(8, 1), (32, 4)]  # (R, adapters of rank 8 blended)
-SWEEP = [dict(BLOCK_N=16, BLOCK_K=256, num_warps=4, num_stages=4),
-         dict(BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=4),
-         dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4),
-         dict(BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=4),
-         dict(BLOCK_N=32, BLOCK_K=256, num_warps=8, num_stages=3),
-         dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
-         dict(BLOCK_N=64, BLOCK_K=128, num_warps=8, num_stages=3),
-         dict(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)]
+SWEEP = [dict(BLOCK_N=16, BLOCK_K=256, SPLIT=1, num_warps=4, num_stages=4),
+         dict(BLOCK_N=16, BLOCK_K=128, SPLIT=2, num_warps=4, num_stages=4),
+         dict(BLOCK_N=16, BLOCK_K=256, SPLIT=2, num_warps=4, num_stages=4),
+         dict(BLOCK_N=32, BLOCK_K=128, SPLIT=1, num_warps=4, num_stages=4),
+         dict(BLOCK_N=32, BLOCK_K=128, SPLIT=2, num_warps=4, num_stages=4),
+         dict(BLOCK_N=32, BLOCK_K=64, SPLIT=2, num_warps=4, num_stages=4),
+         dict(BLOCK_N=64, BLOCK_K=128, SPLIT=2, num_warps=4, num_stages=4),
+         dict(BLOCK_N=32, BLOCK_K=256, SPLIT=1, num_warps=8, num_stages=3)]
 MAX_REL_ERR = 1e-2
 
 
@@ -190,11 +190,12 @@ def fmt(v, width=8, digits=1):
 
 def print_table(res: dict) -> None:
     print(f"\n{res['layer']}  [{res['in']} -> {res['out']}]  R={res['rank']}")
-    print(f"  {'variant':13s} {'config (BN, BK, warps, stages)':32s} {'eager':>8s} {'graph':>8s} {'host':>8s} "
+    print(f"  {'variant':13s} {'config (BN, BK, split, warps, st.)':32s} {'eager':>8s} {'graph':>8s} {'host':>8s} "
           f"{'wall':>8s} {'rel err':>9s}")
     for r in res["rows"]:
         cfg = r.get("config")
-        cfg_s = f"{cfg['BLOCK_N']}, {cfg['BLOCK_K']}, {cfg['num_warps']}, {cfg['num_stages']}" if cfg else ""
+        cfg_s = (f"{cfg['BLOCK_N']}, {cfg['BLOCK_K']}, {cfg.get('SPLIT', 1)}, {cfg['num_warps']}, {cfg['num_stages']}"
+                 if cfg else "")
         if "error" in r:
             print(f"  {r['variant']:13s} {cfg_s:32s} error: {r['error'][:80]}")
             continue

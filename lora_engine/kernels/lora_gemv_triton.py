@@ -67,7 +67,9 @@ def default_config(in_dim: int, out_dim: int, rank: int) -> dict:
         block_n //= 2
     r_pad = max(16, 1 << (rank - 1).bit_length())
     block_k = min(max(64, 4096 // block_n), 8192 // r_pad, max(16, 1 << (in_dim - 1).bit_length()))
-    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 4}
+    # SPLIT 2: a long `in` and too few column blocks to fill the GPU -> two programs per block, each half of `in`
+    split = 2 if -(-out_dim // block_n) < 100 and in_dim >= 2048 else 1
+    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT": split, "num_warps": 4, "num_stages": 4}
 
 
 if triton is not None:
@@ -94,25 +96,36 @@ if triton is not None:
         return out
 
     @triton.jit
-    def _lora_gemv_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, M, K, N, R,
+    def _lora_gemv_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, K, N, R,
                           W_IN_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr,
-                          INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr):
+                          INTERPRETER: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """y[:M, cols]^T for one block of output columns; x [M, K], Ac [R, K], Bd [N, R], y [M, N] row-major.
 
         Computed transposed, y^T = W^T xr^T + Bd h^T: the block of output columns is the MMA's long side, split
         across warps, and the few rows of x its short side (padded to BLOCK_M = 16), so no warp holds a copy of the
-        weight tile."""
+        weight tile.
+
+        SPLIT = 2: program (n, s) covers half of K, LoRA included (h's halves go through Bd separately: the
+        product is linear in h). Both halves are added into the zeroed fp32 `part` (0 + a + b = 0 + b + a: the
+        same bits whichever lands first); the second to arrive (`count`) writes y and zeroes `part` and `count`
+        for the next launch (also a CUDA graph replay)."""
         cdt = w_ptr.dtype.element_ty  # the compute dtype: the weight's
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        if SPLIT == 1:
+            k_lo, k_hi = 0, K
+        else:
+            chunk = tl.cdiv(tl.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K
+            k_lo = tl.program_id(1) * chunk
+            k_hi = tl.minimum(K, k_lo + chunk)
         offs_r = tl.arange(0, R_PAD)
         row_ok, col_ok, r_ok = offs_m < M, offs_n < N, offs_r < R
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # (xr W)^T
         h = tl.zeros((R_PAD, BLOCK_M), dtype=tl.float32)  # (xr Ac^T)^T
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < K
+            k_ok = offs_k < k_hi
             x = tl.load(x_ptr + offs_m[None, :] * K + offs_k[:, None], mask=k_ok[:, None] & row_ok[None, :],
                         other=0.0)
             x = _round(x, cdt, INTERPRETER)  # xr^T [BLOCK_K, BLOCK_M] in the compute dtype, as autocast rounds it
@@ -128,10 +141,26 @@ if triton is not None:
         bd = tl.load(b_ptr + offs_n[:, None] * R + offs_r[None, :], mask=col_ok[:, None] & r_ok[None, :],
                      other=0.0)  # Bd tile [BLOCK_N, R_PAD]
         acc = _dot(bd, _round(h, cdt, INTERPRETER), acc, INTERPRETER)  # h rounded, as the cuBLAS path stores it
+        out_ok = col_ok[:, None] & row_ok[None, :]
+        if SPLIT == 1:
+            _finish(acc, bias_ptr, y_ptr, offs_m, offs_n, col_ok, out_ok, N, cdt, HAS_BIAS, INTERPRETER)
+        else:
+            parts = part_ptr + offs_m[None, :] * N + offs_n[:, None]
+            tl.atomic_add(parts, acc, mask=out_ok)
+            tl.debug_barrier()  # every thread's add is issued before this block says it is done
+            if tl.atomic_add(count_ptr + tl.program_id(0), 1) == SPLIT - 1:  # the last half: the sum is complete
+                total = tl.atomic_add(parts, tl.zeros_like(acc), mask=out_ok)  # read where the adds landed (L2)
+                _finish(total, bias_ptr, y_ptr, offs_m, offs_n, col_ok, out_ok, N, cdt, HAS_BIAS, INTERPRETER)
+                tl.store(parts, tl.zeros_like(acc), mask=out_ok)
+                tl.store(count_ptr + tl.program_id(0), 0)
+
+    @triton.jit
+    def _finish(acc, bias_ptr, y_ptr, offs_m, offs_n, col_ok, out_ok, N, cdt: tl.constexpr, HAS_BIAS: tl.constexpr,
+                INTERPRETER: tl.constexpr):
+        """y^T block = acc (+ bias), rounded once to the compute dtype."""
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)[:, None]
-        tl.store(y_ptr + offs_m[None, :] * N + offs_n[:, None], _round(acc, cdt, INTERPRETER),
-                 mask=col_ok[:, None] & row_ok[None, :])
+        tl.store(y_ptr + offs_m[None, :] * N + offs_n[:, None], _round(acc, cdt, INTERPRETER), mask=out_ok)
 
     _INTERPRET = type(_lora_gemv_kernel).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1: CPU tensors run
     _DIRECT = not _INTERPRET and tuple(map(int, re.findall(r"\d+", triton.__version__)[:2])) >= (3, 6)
@@ -199,11 +228,31 @@ def _launch(key: tuple, config: dict | None) -> tuple:
     cfg = {**default_config(K, N, R), **TUNED.get((K, N), {}), **(config or {})}
     if cfg["BLOCK_N"] < 16 or cfg["BLOCK_K"] < 16:
         raise ValueError(f"lora_gemv tiles: BLOCK_N and BLOCK_K must be >= 16 (tl.dot's minimum), got {cfg}")
-    hit = (N, (triton.cdiv(N, cfg["BLOCK_N"]),),
+    if cfg.get("SPLIT", 1) not in (1, 2):
+        raise ValueError(f"lora_gemv tiles: SPLIT must be 1 or 2 (two fp32 partial sums add the same in either "
+                         f"order; three would not), got {cfg}")
+    cfg.setdefault("SPLIT", 1)
+    hit = (N, (triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT"]),
            dict(W_IN_OUT=layout == "in_out", HAS_BIAS=bias_shape is not None,
                 R_PAD=max(16, triton.next_power_of_2(R)), INTERPRETER=_INTERPRET, BLOCK_M=16, **cfg))
     if config is None:
         _launches[key] = hit
+    return hit
+
+
+_scratch: dict[tuple, tuple[Tensor, Tensor]] = {}  # device, stream, out, blocks -> (fp32 partial sums, counters)
+
+
+def _partials(y: Tensor, grid: tuple) -> tuple[Tensor, Tensor]:
+    """The zeroed fp32 sums and arrival counters of a SPLIT launch; each launch leaves them zeroed again. One pair
+    per stream: launches on one stream run one after another, so they never share the pair at the same time."""
+    dev = y.device
+    stream = torch._C._cuda_getCurrentRawStream(dev.index) if dev.type == "cuda" else 0
+    key = (dev, stream, y.shape[-1], grid[0])
+    hit = _scratch.get(key)
+    if hit is None:
+        hit = _scratch[key] = (torch.zeros(MAX_ROWS, y.shape[-1], dtype=torch.float32, device=dev),
+                               torch.zeros(grid[0], dtype=torch.int32, device=dev))
     return hit
 
 
@@ -224,16 +273,17 @@ def lora_gemv(x: Tensor, weight: Tensor, bias: Tensor | None, Ac: Tensor, Bd: Te
     if not (Ac.is_contiguous() and Bd.is_contiguous()):
         Ac, Bd = Ac.contiguous(), Bd.contiguous()
     y = torch.empty((*x.shape[:-1], N), dtype=weight.dtype, device=x.device)
-    args = (x, weight, weight if bias is None else bias, Ac, Bd, y, x.numel() // K, K, N, Ac.shape[0])
+    part, count = _partials(y, grid) if grid[1] > 1 else (y, y)
+    args = (x, weight, weight if bias is None else bias, Ac, Bd, y, part, count, x.numel() // K, K, N, Ac.shape[0])
     if not (_DIRECT and DIRECT_LAUNCH and config is None) or _jit_only():
         _lora_gemv_kernel[grid](*args, **kw)
         return y
-    dkey = (key, torch.cuda.current_device(), _specialization(args[:6], args[6:]))  # where JIT launches
+    dkey = (key, torch.cuda.current_device(), _specialization(args[:8], args[8:]))  # where JIT launches
     hit = _compiled.get(dkey, False)
     if hit and hit[0] is kw:  # compiled for these launch parameters (set_config rebuilds kw)
         _, kernel, constexprs = hit
         try:
-            kernel.run(grid[0], 1, 1, torch._C._cuda_getCurrentRawStream(dkey[1]), kernel.function,
+            kernel.run(grid[0], grid[1], 1, torch._C._cuda_getCurrentRawStream(dkey[1]), kernel.function,
                        kernel.packed_metadata, None, None, None, *args, *constexprs)
             return y
         except Exception as err:  # another triton's launcher? JIT from now on (a second launch rewrites the same y)

@@ -97,10 +97,14 @@ def check_training_path(dtype: torch.dtype) -> str:
 
 
 def check_decode_kernel(layout: str, n_adapters: int) -> str:
-    """The one-launch decode kernel (lora_gemv_triton) against the two-GEMM cached path and float64."""
+    """The one-launch decode kernel (lora_gemv_triton) against the two-GEMM cached path and float64; the same bits
+    on a second launch (SPLIT 2's scratch left zeroed, its two partial sums order-free)."""
+    return "; ".join(_decode_kernel_case(layout, n_adapters, inp, out) for inp, out in ((1280, 3840), (5120, 1280)))
+
+
+def _decode_kernel_case(layout: str, n_adapters: int, inp: int, out: int) -> str:
     from lora_engine.kernels import lora_gemv_triton as gemv
     torch.manual_seed(2)
-    inp, out = 1280, 3840
     W = (torch.randn((out, inp) if layout == "out_in" else (inp, out), device="cuda") * 0.02).to(torch.bfloat16)
     bias = (torch.randn(out, device="cuda") * 0.1).to(torch.bfloat16)
     A = torch.randn(8 * n_adapters, inp, device="cuda") / inp ** 0.5
@@ -112,6 +116,7 @@ def check_decode_kernel(layout: str, n_adapters: int) -> str:
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             assert gemv.applies(x, W, Ac), "the decode kernel does not take a bf16 one-token forward"
             got = gemv.lora_gemv(x, W, bias, Ac, Bd, layout)
+            assert torch.equal(got, gemv.lora_gemv(x, W, bias, Ac, Bd, layout)), "decode kernel: a relaunch differs"
             ref = Fn.lora_linear_cached(x, W, bias, Ac, Bd, None, layout)
         xr = x.to(torch.bfloat16).double().reshape(rows, inp)
         Wd = W.double() if layout == "in_out" else W.double().t()
@@ -120,7 +125,8 @@ def check_decode_kernel(layout: str, n_adapters: int) -> str:
         err_ref = ((ref.double() - want).norm() / want.norm()).item()
         assert err <= max(2 * err_ref, 4e-3), f"decode kernel {layout} rows={rows}: rel err {err:.1e} (cuBLAS {err_ref:.1e})"
         worst = max(worst, err)
-    return f"decode kernel {layout} R={8 * n_adapters}: rel err vs float64 {worst:.1e} (rows 1 and 3)"
+    split = gemv.default_config(inp, out, 8 * n_adapters)["SPLIT"]
+    return f"decode kernel {layout} {inp}->{out} split {split} R={8 * n_adapters}: rel err vs float64 {worst:.1e}"
 
 
 def run_all() -> list[str]:

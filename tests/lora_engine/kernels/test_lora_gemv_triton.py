@@ -66,6 +66,19 @@ for seed, (K, N, R, M) in enumerate([(70, 45, 8, 1), (33, 130, 64, 8), (150, 17,
         worst = max(worst, case(K, N, R, M, DT[wd], DT["fp32"], True, None, seed=seed))
 worst = max(worst, case(70, 45, 32, 1, DT["bf16"], DT["fp16"], True, SMALL, seed=7))  # fp16 x onto bf16 weights
 
+# SPLIT 2 (two programs per column block, each half of K, summed in fp32 scratch): the same accuracy, the scratch
+# and counters left zeroed for the next launch, and the same bits when called again
+SPLIT2 = dict(SMALL, SPLIT=2)
+for wd, M, R, bias in itertools.product(["bf16", "fp16"], [1, 3], [8, 32], [True, False]):
+    worst = max(worst, case(150, 45, R, M, DT[wd], DT["fp32"], bias, SPLIT2, seed=M * 10 + R))
+assert lg._scratch and all(not p.any() and not c.any() for p, c in lg._scratch.values()), "scratch not zeroed"
+g = torch.Generator().manual_seed(5)
+x, W = torch.randn(2, 150, generator=g), torch.randn(150, 45, generator=g).bfloat16()
+A, B = torch.randn(8, 150, generator=g).bfloat16(), torch.randn(45, 8, generator=g).bfloat16()
+Wl = W if layout == "in_out" else W.t().contiguous()
+ys = [lg.lora_gemv(x, Wl, None, A, B, layout, config=SPLIT2) for _ in range(2)]
+assert torch.equal(ys[0], ys[1])
+
 # x is rounded to nearest in the weight dtype before the product: with x = (1 + 0.75 eps, 1) and W(., n) = (1, -1)
 # the product is exactly eps (0.75 eps unrounded, 0 truncated)
 for wd in (torch.bfloat16, torch.float16):
@@ -310,9 +323,9 @@ def test_direct_launch_after_first_jit_launch_with_fallbacks(monkeypatch):
     assert [e[0] for e in log] == ["jit", "direct"]
     _, grid, jit_args, kw = log[0]
     _, direct = log[1]
-    assert direct[:9] == (grid[0], 1, 1, 1000, "function", "packed_metadata", None, None, None)
-    assert len(direct[9:]) == len(names) and direct[15:19] == jit_args[6:] == (2, 64, 48, 8)
-    assert direct[19:] == tuple(kw[n] for n in names[10:]) and kw["BLOCK_M"] == 16  # the constexprs, in order
+    assert grid[1] == 1 and direct[:9] == (grid[0], 1, 1, 1000, "function", "packed_metadata", None, None, None)
+    assert len(direct[9:]) == len(names) and direct[17:21] == jit_args[8:] == (2, 64, 48, 8)
+    assert direct[21:] == tuple(kw[n] for n in names[12:]) and kw["BLOCK_M"] == 16  # the constexprs, in order
     assert [a is b for a, b in zip(direct[9:14], (x, W, bias, A, B))] == [True] * 5
 
     log.clear()
