@@ -42,7 +42,12 @@ except ImportError:  # the CPU wheel has no triton: layers use the PyTorch path
 MAX_ROWS = 8  # rows of x (after flattening) this kernel takes; beyond that the GEMMs are no longer launch-bound
 MAX_RANK = 256  # the h accumulator [R, 16] and the Ac tiles stay in registers / shared memory up to this
 _DTYPES = (torch.bfloat16, torch.float16)
-TUNED: dict[tuple[int, int], dict] = {}  # (in, out) -> tiles measured best by benchmarks/tune_gemv.py on the GPU
+# (in, out) -> tiles with the least graphed time in benchmarks/tune_gemv.py on an H200 (ranks 8 and 32 summed)
+TUNED: dict[tuple[int, int], dict] = {
+    (1280, 3840): {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT": 1, "num_warps": 4, "num_stages": 4},
+    (1280, 1280): {"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT": 2, "num_warps": 4, "num_stages": 4},
+    (1280, 5120): {"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT": 2, "num_warps": 4, "num_stages": 4},
+    (5120, 1280): {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT": 2, "num_warps": 4, "num_stages": 4}}
 _launches: dict[tuple, tuple] = {}  # shapes, dtypes, layout -> (grid, constexpr kwargs): checked and built once
 
 

@@ -31,7 +31,7 @@ except ImportError:  # the CPU wheel has no triton: merge.py uses its PyTorch pa
 
 # Tile configuration (benchmarks/tune_merge.py sweeps it on the GPU). A Group keeps the one it was merged with:
 # unmerge must recompute delta with exactly the same code to be bit-exact.
-CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 1}
+CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}  # best of tune_merge.py on an H200
 UNCHANGED = -128  # correction value of an element the merge pass did not write
 _BITS = {torch.bfloat16: 16, torch.float16: 16, torch.float32: 32}
 
@@ -85,6 +85,7 @@ if triton is not None:
                       M, N, spm, spr, sqr, sqn, NA: tl.constexpr, R: tl.constexpr,
                       BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """counts: [layers] non-finite W' per layer, then [1] the overflow slots asked for (the cursor)."""
+        tl.static_assert(BLOCK_M * BLOCK_N < 65536, "the two counts share one int32 reduction")
         layer = tl.program_id(2)
         offs_m, offs_n, mask, flat = _tile(M, N, BLOCK_M, BLOCK_N)
         w_ptr = tl.load(W_tab + layer).to(W0.dtype)
@@ -96,11 +97,11 @@ if triton is not None:
         newf = new.to(tl.float32)
         keep = mask & ((newf - newf) != 0.0)  # NaN or +-inf: leave W as it is
         over = mask & ~keep & ((diff > 127) | (diff < -127))
-        n_bad = tl.sum(tl.sum(keep.to(tl.int32), 1), 0)
+        o = over.to(tl.int32)
+        both = tl.sum(tl.sum(keep.to(tl.int32) * 65536 + o, 1), 0)  # one reduction for two counts (< 65536 each)
+        n_bad, n_over = both >> 16, both & 65535
         if n_bad > 0:
             tl.atomic_add(counts + layer, n_bad)
-        o = over.to(tl.int32)
-        n_over = tl.sum(tl.sum(o, 1), 0)
         if n_over > 0:  # rare: reserve a run of slots for the whole tile with one atomic, then a 2-D prefix sum
             start = tl.atomic_add(counts + tl.num_programs(2), n_over)
             row_total = tl.sum(o, 1)
