@@ -18,7 +18,8 @@ def _step_fn(model, x, optimizer, input_grad: bool):
     def step():
         xin = x.detach().requires_grad_(True) if input_grad else x
         with torch.autocast(x.device.type, dtype=torch.bfloat16):
-            out = model(inputs_embeds=xin).last_hidden_state
+            out = model(inputs_embeds=xin, use_cache=False).last_hidden_state  # training: no KV cache (and no
+            # recompiles under torch.compile for each block's cache state)
         loss = out.float().square().mean()
         loss.backward()
         if optimizer is not None:

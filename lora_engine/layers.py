@@ -163,7 +163,10 @@ class LoRALayer(nn.Module):
 
     def use_reference(self) -> bool:
         """The fast path assumes a frozen base and no dropout in the LoRA branch."""
-        params = self._parameters  # not nn.Module.__getattr__: this runs on every forward
+        if torch.compiler.is_compiling():
+            params = {"weight": self.weight, "bias": getattr(self, "bias", None)}
+        else:
+            params = self._parameters  # not nn.Module.__getattr__: this runs on every forward
         bias = params["bias"] if "bias" in params else getattr(self, "bias", None)
         frozen = not params["weight"].requires_grad and not (bias is not None and bias.requires_grad)
         no_dropout = not self.training or all(self.dropout_p[n] == 0.0 for n in self.blend)
@@ -213,12 +216,13 @@ def _adapted(layer: LoRALayer, x: Tensor) -> Tensor:
                                      [layer.lora_A[n] for n in names], [layer.lora_B[n] for n in names],
                                      layer.blend_scales(), [layer.dropout_p[n] for n in names], layer.training)
     d = layer.blend_scale
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # plain module attributes for dynamo; Inductor fuses the casts itself
+        A, B = layer.stacked(list(layer.blend))
+        return lora_linear(x, layer.weight, layer.bias, A, B, d, layer.layout, layer.uniform_scale)
+    if torch.is_grad_enabled():
         names = list(layer.blend)
         A, B = layer.factor_pair(names[0]) if len(names) == 1 else layer.stacked(names)
-        casts = None
-        if len(names) == 1 and A.requires_grad and not torch.compiler.is_compiling():
-            casts = cast_factors(layer, A, B, compute_dtype(x))  # one multi-tensor cast per step for all layers
+        casts = cast_factors(layer, A, B, compute_dtype(x)) if len(names) == 1 and A.requires_grad else None
         return lora_linear(x, layer.weight, layer.bias, A, B, d, layer.layout, layer.uniform_scale, casts)
     # no grad, eager: cached cast factors; one fused launch for a few rows (decode), else two small GEMMs
     if d.dim() == 2:  # a mix per row of the batch
