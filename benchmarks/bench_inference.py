@@ -22,7 +22,7 @@ def _fwd(model, x, **kw):
 
 
 def _graphed(fn):
-    """Capture fn once into a CUDA graph; the returned callable replays it."""
+    """Capture fn once into a CUDA graph; returns (replay, the graph's output tensor)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -31,8 +31,8 @@ def _graphed(fn):
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        fn()
-    return g.replay
+        out = fn()
+    return g.replay, out
 
 
 def run(res: dict, args) -> None:
@@ -57,7 +57,14 @@ def run(res: dict, args) -> None:
     res["ratios"]["decode_blend4_vs_base"] = _ratio(t["ours_blend4"], t["base"], peft=t["peft_4"])
     if dev == "cuda":
         try:
-            graphed = {k: _graphed(f) for k, f in fns.items()}
+            captured = {k: _graphed(f) for k, f in fns.items()}
+            graphed = {k: replay for k, (replay, _) in captured.items()}
+            if args.check:  # the replayed graphs (decode kernel, SPLIT scratch included) give the eager output
+                for k in ("ours_1", "ours_blend4"):
+                    replay, out = captured[k]
+                    for _ in range(2):
+                        replay()
+                    _check_close(out, fns[k](), f"decode {k} CUDA graph replay vs eager")
             g = time_interleaved(graphed, warmup=args.warmup, iters=max(args.iters, 50))
             res["decode_cuda_graph"] = g
             t = {k: v["median_ms"] for k, v in g.items()}
