@@ -161,14 +161,18 @@ class LoRALayer(nn.Module):
                        else torch.tensor(float(w) * s, device=self.weight.device))
         return out
 
+    def base_params(self) -> tuple[Tensor, Tensor | None]:
+        """(weight, bias), read from the module's registry rather than through nn.Module.__getattr__ (this runs on
+        every forward); plain attributes while dynamo traces."""
+        if torch.compiler.is_compiling():
+            return self.weight, getattr(self, "bias", None)
+        params = self._parameters
+        return params["weight"], params["bias"] if "bias" in params else getattr(self, "bias", None)
+
     def use_reference(self) -> bool:
         """The fast path assumes a frozen base and no dropout in the LoRA branch."""
-        if torch.compiler.is_compiling():
-            params = {"weight": self.weight, "bias": getattr(self, "bias", None)}
-        else:
-            params = self._parameters  # not nn.Module.__getattr__: this runs on every forward
-        bias = params["bias"] if "bias" in params else getattr(self, "bias", None)
-        frozen = not params["weight"].requires_grad and not (bias is not None and bias.requires_grad)
+        weight, bias = self.base_params()
+        frozen = not weight.requires_grad and not (bias is not None and bias.requires_grad)
         no_dropout = not self.training or all(self.dropout_p[n] == 0.0 for n in self.blend)
         return not (frozen and no_dropout)
 
@@ -225,13 +229,11 @@ def _adapted(layer: LoRALayer, x: Tensor) -> Tensor:
         casts = cast_factors(layer, A, B, compute_dtype(x)) if len(names) == 1 and A.requires_grad else None
         return lora_linear(x, layer.weight, layer.bias, A, B, d, layer.layout, layer.uniform_scale, casts)
     # no grad, eager: cached cast factors; one fused launch for a few rows (decode), else two small GEMMs
-    if d.dim() == 2:  # a mix per row of the batch
-        check_rows(x, d)
-        Ac, Bd = layer.inference_factors(compute_dtype(x))
-        return lora_linear_cached(x, layer.weight, layer.bias, Ac, Bd, d, layer.layout)
+    check_rows(x, d)
     Ac, Bd = layer.inference_factors(compute_dtype(x))
-    params = layer._parameters
-    weight, bias = params["weight"], params["bias"] if "bias" in params else layer.bias
+    weight, bias = layer.base_params()
+    if d.dim() == 2:  # a mix per row of the batch
+        return lora_linear_cached(x, weight, bias, Ac, Bd, d, layer.layout)
     if lora_gemv_triton.applies(x, weight, Ac):
         return lora_gemv_triton.lora_gemv(x, weight, bias, Ac, Bd, layer.layout)
     return lora_linear_cached(x, weight, bias, Ac, Bd, None, layer.layout)

@@ -9,48 +9,60 @@ layer with one multi-tensor copy (torch._foreach_copy_), and the layers after it
 from __future__ import annotations
 
 import weakref
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 _HOLDERS: "weakref.WeakSet" = weakref.WeakSet()  # layers holding copies (a layer that is gone drops out)
-ATTR = "_train_casts"  # on a layer: (A, B, dtype, versions, Ac, Bc)
+ATTR = "_train_casts"  # on a layer: its Copies
 
 
-def _fresh(entry, A: Tensor, B: Tensor, dtype: torch.dtype) -> bool:
-    return (entry is not None and entry[0] is A and entry[1] is B and entry[2] == dtype
-            and entry[3] == (A._version, B._version, A.data_ptr(), B.data_ptr()))
+class Copies(NamedTuple):
+    A: Tensor  # the parameters copied (held: their ids stay unique)
+    B: Tensor
+    dtype: torch.dtype
+    stamp: tuple  # `_stamp(A, B)` when copied
+    Ac: Tensor
+    Bc: Tensor
+
+
+def _stamp(A: Tensor, B: Tensor) -> tuple:
+    """Versions catch in-place updates (optimizer steps); data_ptr catches replaced storage (`p.data = ...`)."""
+    return A._version, B._version, A.data_ptr(), B.data_ptr()
+
+
+def _fresh(c: Copies | None, A: Tensor, B: Tensor, dtype: torch.dtype) -> bool:
+    return c is not None and c.A is A and c.B is B and c.dtype == dtype and c.stamp == _stamp(A, B)
 
 
 def cast_factors(layer, A: Tensor, B: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """(A, B) in `dtype`, as A.to(dtype), B.to(dtype) would give them, from the layer's kept copies."""
-    entry = layer.__dict__.get(ATTR)
-    if not _fresh(entry, A, B, dtype):
-        entry = _refresh(layer, A, B, dtype)
-    return entry[4], entry[5]
+    c = layer.__dict__.get(ATTR)
+    if not _fresh(c, A, B, dtype):
+        c = _refresh(layer, A, B, dtype)
+    return c.Ac, c.Bc
 
 
 @torch.no_grad()
-def _refresh(layer, A: Tensor, B: Tensor, dtype: torch.dtype):
+def _refresh(layer, A: Tensor, B: Tensor, dtype: torch.dtype) -> Copies:
     dst, src = [], []
     for other in list(_HOLDERS):  # every other stale copy of the same kind, in the same launch
-        e = other.__dict__.get(ATTR)
-        if other is not layer and e is not None and e[2] == dtype and e[4].device == A.device \
-                and not _fresh(e, e[0], e[1], dtype):
-            dst += [e[4], e[5]]
-            src += [e[0], e[1]]
-            other.__dict__[ATTR] = e[:3] + ((e[0]._version, e[1]._version, e[0].data_ptr(), e[1].data_ptr()),) + e[4:]
-    entry = layer.__dict__.get(ATTR)
-    if entry is not None and entry[4].shape == A.shape and entry[5].shape == B.shape and entry[2] == dtype \
-            and entry[4].device == A.device:
-        Ac, Bc = entry[4], entry[5]
+        c = other.__dict__.get(ATTR)
+        if other is not layer and c.dtype == dtype and c.Ac.device == A.device and not _fresh(c, c.A, c.B, dtype):
+            dst += [c.Ac, c.Bc]
+            src += [c.A, c.B]
+            other.__dict__[ATTR] = c._replace(stamp=_stamp(c.A, c.B))
+    c = layer.__dict__.get(ATTR)
+    if c is not None and c.Ac.shape == A.shape and c.Bc.shape == B.shape and c.dtype == dtype \
+            and c.Ac.device == A.device:
+        Ac, Bc = c.Ac, c.Bc
         dst += [Ac, Bc]
         src += [A, B]
     else:
         Ac, Bc = A.detach().to(dtype, copy=True), B.detach().to(dtype, copy=True)
     if dst:
         torch._foreach_copy_(dst, [s.detach() for s in src])
-    entry = (A, B, dtype, (A._version, B._version, A.data_ptr(), B.data_ptr()), Ac, Bc)
-    layer.__dict__[ATTR] = entry
+    c = layer.__dict__[ATTR] = Copies(A, B, dtype, _stamp(A, B), Ac, Bc)
     _HOLDERS.add(layer)
-    return entry
+    return c

@@ -6,7 +6,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2Model
 from transformers.pytorch_utils import Conv1D
 
-from lora_engine import lora_layers
+from lora_engine import LoRASpec, inject_lora, lora_layers
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 3e-3, torch.float64: 1e-10}
 
@@ -31,6 +31,18 @@ class Stack(nn.Module):
 
     def forward(self, idx):
         return self.conv(torch.tanh(self.lin(self.emb(idx))))
+
+
+def frozen_mlp_with_lora(dims: tuple[int, int, int] = (24, 40, 16), seed: int = 0) -> nn.Module:
+    """Linear-GELU-Linear, frozen, with one rank-4 adapter "v" on both Linears whose B is random (non-zero)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(dims[0], dims[1]), nn.GELU(), nn.Linear(dims[1], dims[2]))
+    model.requires_grad_(False)
+    inject_lora(model, LoRASpec(["0", "2"], rank=4, alpha=8), "v")
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B["v"].normal_(0, 0.2)
+    return model
 
 
 def randomize_lora(model: nn.Module, std: float = 0.3) -> None:

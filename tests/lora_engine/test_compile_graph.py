@@ -1,20 +1,13 @@
 """The LoRA layers trace into one torch.compile graph: no graph break per layer (each one cost a 2.6x slower
 compiled training step on the GPU, benchmarks/NOTES.md (12))."""
 import torch
-from torch import nn
 
-from lora_engine import LoRASpec, inject_lora, lora_layers
 from lora_engine import functional as Fn
+from tests.lora_engine.helpers import frozen_mlp_with_lora
 
 
 def test_training_forward_has_no_graph_break_and_matches_eager():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
-    model.requires_grad_(False)
-    inject_lora(model, LoRASpec(["0", "2"], rank=4, alpha=8), "v")
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            layer.lora_B["v"].normal_(0, 0.2)
+    model = frozen_mlp_with_lora((16, 32, 8))
     x = torch.randn(3, 16)
 
     def step(x):

@@ -5,19 +5,13 @@ import copy
 import torch
 from torch import nn
 
-from lora_engine import LoRASpec, inject_lora, lora_layers
+from lora_engine import lora_layers
 from lora_engine import train_casts
+from tests.lora_engine.helpers import frozen_mlp_with_lora
 
 
 def _model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(24, 40), nn.GELU(), nn.Linear(40, 16))
-    model.requires_grad_(False)
-    inject_lora(model, LoRASpec(["0", "2"], rank=4, alpha=8), "v")
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            layer.lora_B["v"].normal_(0, 0.2)
-    return model
+    return frozen_mlp_with_lora((24, 40, 16), seed)
 
 
 def _step(model, opt, x):
@@ -40,13 +34,13 @@ def test_kept_copies_match_fresh_casts_and_refresh_together():
     x = torch.randn(6, 24)
     _step(model, opt, x)  # builds the copies (and steps: they are stale now)
     first, second = (l.__dict__[train_casts.ATTR] for l in layers)
-    assert not torch.equal(first[4], layers[0].lora_A["v"].detach().to(torch.bfloat16)), "the step changed nothing"
+    assert not torch.equal(first.Ac, layers[0].lora_A["v"].detach().to(torch.bfloat16)), "the step changed nothing"
     with torch.autocast("cpu", dtype=torch.bfloat16):
         Ac, Bc = train_casts.cast_factors(layers[0], layers[0].lora_A["v"], layers[0].lora_B["v"], torch.bfloat16)
     assert torch.equal(Ac, layers[0].lora_A["v"].detach().to(torch.bfloat16))
     assert torch.equal(Bc, layers[0].lora_B["v"].detach().to(torch.bfloat16))
     e2 = layers[1].__dict__[train_casts.ATTR]  # refreshed by layer 0's miss, in the same multi-tensor copy
-    assert e2[4] is second[4] and torch.equal(e2[4], layers[1].lora_A["v"].detach().to(torch.bfloat16))
+    assert e2.Ac is second.Ac and torch.equal(e2.Ac, layers[1].lora_A["v"].detach().to(torch.bfloat16))
     assert train_casts._fresh(e2, layers[1].lora_A["v"], layers[1].lora_B["v"], torch.bfloat16)
 
 
