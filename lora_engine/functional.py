@@ -86,27 +86,58 @@ def _mixed_addmm(device_type: str) -> bool:
         return False
 
 
-class _LoRALinearFn(torch.autograd.Function):
-    """Frozen-base LoRA with a hand-written backward.
+def lora_forward(x2: Tensor, weight: Tensor, bias: Tensor | None, Ac: Tensor, Bc: Tensor, d: Tensor,
+                 s: float | None, batch: int, layout: str) -> tuple[Tensor, Tensor]:
+    """Training forward on 2-D x2 already in the compute dtype, factors cast: (y, h = x2 Ac^T).
 
-    Forward: y = base(x), then y += (x A^T * d) B^T accumulated into the same buffer (addmm_, no extra pass).
+    y = base(x2), then y += (h * d) Bc^T accumulated into the same buffer (addmm_, no extra pass); `s` (a float)
+    is the scale when the blend is one uniform scale: folded into the GEMM's alpha, no kernels."""
+    y = _base_in(x2, weight, bias, x2.dtype, layout)
+    h = x2 @ Ac.t()
+    if s is None:
+        y.addmm_(scale_rows(h, d.to(x2.dtype), batch), Bc.t())
+    else:
+        y.addmm_(h, Bc.t(), alpha=s)
+    return y, h
+
+
+def lora_backward(dy2: Tensor, x2: Tensor, weight: Tensor, Ac: Tensor, Bc: Tensor, h: Tensor, d: Tensor,
+                  s: float | None, batch: int, layout: str, needs: tuple[bool, bool, bool],
+                  grad_dtypes: tuple[torch.dtype, torch.dtype]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(dx2, dA, dB) for `lora_forward`; `needs` says which are wanted. dA/dB come back in `grad_dtypes` (the
+    parameters' own dtypes: fp32 masters), written straight from the low-precision GEMM where torch can."""
+    ct = x2.dtype
+    dy2 = dy2.to(ct)
+    u = dy2 @ Bc  # [N, R]; dL/d(x A^T) = u * d
+    if s is None:
+        dc = d.to(ct)
+        u, h, s = scale_rows(u, dc, batch), scale_rows(h, dc, batch), 1.0
+    dx = dA = dB = None
+    if needs[0]:
+        w = weight.to(ct)
+        dx = dy2 @ (w if layout == "out_in" else w.t())
+        dx.addmm_(u, Ac, alpha=s)
+    if needs[1]:
+        dA = _mm(u.t(), x2, s, grad_dtypes[0])
+    if needs[2]:
+        dB = _mm(dy2.t(), h, s, grad_dtypes[1])
+    return dx, dA, dB
+
+
+class _LoRALinearFn(torch.autograd.Function):
+    """Frozen-base LoRA with a hand-written backward (eager training; compiled_op.py is the torch.compile form).
+
     Saved: x (cast once), A/B cast once, and h = x A^T ([N, R]: R/out of y's size; recomputing it would cost a
     kernel launch per layer, which is what dominates at these shapes). The base weight is NOT saved in the
     compute dtype: it is recast in backward (no copy at all when the base is stored in that dtype).
-    `s` (a float) is the scale when the blend is one uniform scale: folded into the GEMMs' alpha, no kernels.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, d, s, layout, casts):
         ct = compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1]).to(ct)
-        y = _base_in(x2, weight, bias, ct, layout)
         Ac, Bc = casts if casts is not None and casts[0].dtype == ct else (A.to(ct), B.to(ct))
-        h = x2 @ Ac.t()
-        if s is None:
-            y.addmm_(scale_rows(h, d.to(ct), x.shape[0]), Bc.t())
-        else:
-            y.addmm_(h, Bc.t(), alpha=s)
+        y, h = lora_forward(x2, weight, bias, Ac, Bc, d, s, x.shape[0], layout)
         ctx.save_for_backward(x2, weight, Ac, Bc, h, d)
         ctx.s, ctx.layout, ctx.x_shape, ctx.x_dtype = s, layout, x.shape, x.dtype
         ctx.grad_dtypes = (A.dtype, B.dtype)  # gradients go back in the parameters' dtype (fp32 masters)
@@ -115,22 +146,11 @@ class _LoRALinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, weight, Ac, Bc, h, d = ctx.saved_tensors
-        ct, batch, s = x2.dtype, ctx.x_shape[0], ctx.s
-        dy2 = dy.reshape(-1, dy.shape[-1]).to(ct)
-        u = dy2 @ Bc  # [N, R]; dL/d(x A^T) = u * d
-        if s is None:
-            dc = d.to(ct)
-            u, h, s = scale_rows(u, dc, batch), scale_rows(h, dc, batch), 1.0
-        dx = dA = dB = None
-        if ctx.needs_input_grad[0]:
-            w = weight.to(ct)
-            dx = dy2 @ (w if ctx.layout == "out_in" else w.t())
-            dx.addmm_(u, Ac, alpha=s)
+        need = ctx.needs_input_grad
+        dx, dA, dB = lora_backward(dy.reshape(-1, dy.shape[-1]), x2, weight, Ac, Bc, h, d, ctx.s, ctx.x_shape[0],
+                                   ctx.layout, (need[0], need[3], need[4]), ctx.grad_dtypes)
+        if dx is not None:
             dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
-        if ctx.needs_input_grad[3]:
-            dA = _mm(u.t(), x2, s, ctx.grad_dtypes[0])
-        if ctx.needs_input_grad[4]:
-            dB = _mm(dy2.t(), h, s, ctx.grad_dtypes[1])
         return dx, None, None, dA, dB, None, None, None, None
 
 

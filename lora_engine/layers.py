@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .functional import (base_linear, check_rows, compute_dtype, fold_scale, lora_embedding, lora_linear,
                          lora_linear_cached, lora_linear_reference)
+from . import compiled_op
 from .kernels import lora_gemv_triton
 from .train_casts import cast_factors
 
@@ -25,6 +26,7 @@ class LoRALayer(nn.Module):
     """Common state: adapters (A [r, in], B [out, r]), their scales, the active blend, the merge record."""
 
     layout = "out_in"  # how the base weight is stored; "in_out" for Conv1D and Embedding
+    compiled_form = "rank1"  # how torch.compile sees a training forward (compiled_op.py; "gemm" for comparisons)
 
     def __init__(self, base: nn.Module):
         super().__init__()
@@ -220,8 +222,12 @@ def _adapted(layer: LoRALayer, x: Tensor) -> Tensor:
                                      [layer.lora_A[n] for n in names], [layer.lora_B[n] for n in names],
                                      layer.blend_scales(), [layer.dropout_p[n] for n in names], layer.training)
     d = layer.blend_scale
-    if torch.compiler.is_compiling():  # plain module attributes for dynamo; Inductor fuses the casts itself
+    if torch.compiler.is_compiling():  # plain module attributes for dynamo
         A, B = layer.stacked(list(layer.blend))
+        if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad):
+            check_rows(x, d)  # training: skinny products as fused reductions (compiled_op.py)
+            return compiled_op.lora_linear(x, layer.weight, layer.bias, A, B, d, layer.layout, layer.uniform_scale,
+                                           layer.compiled_form)
         return lora_linear(x, layer.weight, layer.bias, A, B, d, layer.layout, layer.uniform_scale)
     if torch.is_grad_enabled():
         names = list(layer.blend)
