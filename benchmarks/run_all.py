@@ -75,6 +75,8 @@ def main() -> None:
     ap.add_argument("--uv-site", default=os.environ.get("UV_SITE"), help="PYTHONPATH entry with indextts + transformers 4.52")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--tag", default="")
+    ap.add_argument("--gemv-tiles", default=None, help="a tune_gemv.py --out JSON: decode with its least-time tiles "
+                                                       "per shape (over lora_gemv_triton.TUNED)")
     args = ap.parse_args()
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -82,6 +84,13 @@ def main() -> None:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     res = {"gpu": gpu_name(), "date": date, "versions": versions(), "command": " ".join(["python"] + sys.argv),
            "ratios": {}, "errors": {}, "section_seconds": {}}
+    if args.gemv_tiles:
+        from lora_engine.kernels import lora_gemv_triton
+        tiles = json.loads(Path(args.gemv_tiles).read_text())["tuned"]
+        for shape, cfg in tiles.items():
+            n_in, n_out = map(int, shape.split("x"))
+            lora_gemv_triton.set_config(n_in, n_out, cfg)
+        res["gemv_tiles"] = tiles
     wanted = args.only or (list(SECTIONS) + ["unifiedvoice"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,22 @@ SWEEP = [dict(BLOCK_N=16, BLOCK_K=256, SPLIT=1, num_warps=4, num_stages=4),
          dict(BLOCK_N=32, BLOCK_K=128, SPLIT=2, num_warps=4, num_stages=4),
          dict(BLOCK_N=32, BLOCK_K=64, SPLIT=2, num_warps=4, num_stages=4),
          dict(BLOCK_N=64, BLOCK_K=128, SPLIT=2, num_warps=4, num_stages=4),
-         dict(BLOCK_N=32, BLOCK_K=256, SPLIT=1, num_warps=8, num_stages=3)]
+         dict(BLOCK_N=32, BLOCK_K=256, SPLIT=1, num_warps=8, num_stages=3),
+         dict(BLOCK_N=32, BLOCK_K=64, SPLIT=4, num_warps=4, num_stages=4)]
+# SPLIT 4 and 8 for the long-input layers (in >= 2 out: mlp.c_proj, 5120 -> 1280): 40 column blocks of 32 give a
+# split of 2 only 80 programs for 132 SMs, each a 2560-long loop. 4 and 8 give 160-640 programs of 640-1280.
+SWEEP_LONG = [dict(BLOCK_N=32, BLOCK_K=128, SPLIT=4, num_warps=4, num_stages=4),
+              dict(BLOCK_N=32, BLOCK_K=64, SPLIT=4, num_warps=4, num_stages=4),
+              dict(BLOCK_N=32, BLOCK_K=256, SPLIT=4, num_warps=4, num_stages=3),
+              dict(BLOCK_N=32, BLOCK_K=128, SPLIT=4, num_warps=2, num_stages=4),
+              dict(BLOCK_N=16, BLOCK_K=128, SPLIT=4, num_warps=4, num_stages=4),
+              dict(BLOCK_N=16, BLOCK_K=256, SPLIT=4, num_warps=4, num_stages=4),
+              dict(BLOCK_N=16, BLOCK_K=128, SPLIT=4, num_warps=2, num_stages=4),
+              dict(BLOCK_N=32, BLOCK_K=128, SPLIT=8, num_warps=4, num_stages=4),
+              dict(BLOCK_N=32, BLOCK_K=64, SPLIT=8, num_warps=4, num_stages=4),
+              dict(BLOCK_N=16, BLOCK_K=128, SPLIT=8, num_warps=2, num_stages=4),
+              dict(BLOCK_N=64, BLOCK_K=128, SPLIT=8, num_warps=4, num_stages=4)]
+CONFIG_KEYS = ("BLOCK_N", "BLOCK_K", "SPLIT", "num_warps", "num_stages")
 MAX_REL_ERR = 1e-2
 
 
@@ -188,14 +203,16 @@ def fmt(v, width=8, digits=1):
     return f"{v:{width}.{digits}f}" if isinstance(v, float) else f"{'-':>{width}}"
 
 
+def cfg_str(cfg: dict | None) -> str:
+    return ", ".join(str(cfg.get(k, 1)) for k in CONFIG_KEYS) if cfg else ""
+
+
 def print_table(res: dict) -> None:
     print(f"\n{res['layer']}  [{res['in']} -> {res['out']}]  R={res['rank']}")
     print(f"  {'variant':13s} {'config (BN, BK, split, warps, st.)':32s} {'eager':>8s} {'graph':>8s} {'host':>8s} "
           f"{'wall':>8s} {'rel err':>9s}")
     for r in res["rows"]:
-        cfg = r.get("config")
-        cfg_s = (f"{cfg['BLOCK_N']}, {cfg['BLOCK_K']}, {cfg.get('SPLIT', 1)}, {cfg['num_warps']}, {cfg['num_stages']}"
-                 if cfg else "")
+        cfg_s = cfg_str(r.get("config"))
         if "error" in r:
             print(f"  {r['variant']:13s} {cfg_s:32s} error: {r['error'][:80]}")
             continue
@@ -206,9 +223,10 @@ def print_table(res: dict) -> None:
 
 
 def summarize(results: list[dict]) -> dict:
-    """Per-token totals of every path (best fused tiles per shape and rank), and the tiles to pin per shape: those
-    with the least graphed time (eager off CUDA) summed over the ranks they were measured at."""
-    per_token, tuned = {}, {}
+    """Per-token totals of every path (best fused tiles per shape and rank); the tiles to pin per shape: those with
+    the least graphed time (eager off CUDA) summed over the ranks they were measured at; and per shape that sum for
+    the tiles decode uses now, for the least, and for the base layer alone."""
+    per_token, tuned, now_cfg, base = {}, {}, {}, {}
 
     def cost(r):
         return r["graph_us"] if r["graph_us"] is not None else r["eager_us"]
@@ -216,26 +234,44 @@ def summarize(results: list[dict]) -> dict:
         totals = {k: [0.0, 0.0] for k in ("cached", "base", "fused", "fused_best", "layer_cached",
                                            "layer_fused")}
         for res in (r for r in results if r["rank"] == rank):
+            shape = (res["in"], res["out"])
             ok = [r for r in res["rows"] if "error" not in r]
             fused = [r for r in ok if r["variant"] == "fused" and r.get("ok")]
             by = {r["variant"]: r for r in ok if r["variant"] != "fused"}
             now = next((r for r in res["rows"] if r["variant"] == "fused"), None)  # the first: decode's tiles
             if now in fused:
                 by["fused"] = now
+                now_cfg[shape] = tuple(sorted(now["config"].items()))
             if fused:
                 by["fused_best"] = min(fused, key=cost)
+            if "base" in by:
+                base[shape] = base.get(shape, 0.0) + cost(by["base"])
             for r in fused:
                 cfg = tuple(sorted(r["config"].items()))
-                tuned.setdefault((res["in"], res["out"]), {}).setdefault(cfg, []).append(cost(r))
+                tuned.setdefault(shape, {}).setdefault(cfg, []).append(cost(r))
             for name, t in totals.items():
                 if name in by:
                     t[0] += LAYERS_PER_TOKEN * by[name]["eager_us"]
                     t[1] = None if by[name]["graph_us"] is None else t[1] + LAYERS_PER_TOKEN * by[name]["graph_us"]
         per_token[f"R{rank}"] = {k: {"eager_us": v[0], "graph_us": v[1]} for k, v in totals.items()}
     n_ranks = len(per_token)
-    pinned = {shape: dict(min((c for c in cfgs.items() if len(c[1]) == n_ranks), key=lambda c: sum(c[1]))[0])
-              for shape, cfgs in tuned.items() if any(len(v) == n_ranks for v in cfgs.values())}
-    return {"per_token": per_token, "tuned": pinned}
+    pinned, shapes = {}, {}
+    for shape, cfgs in tuned.items():
+        full = {cfg: sum(c) for cfg, c in cfgs.items() if len(c) == n_ranks}  # measured at every rank
+        if not full:
+            continue
+        best = min(full, key=full.get)
+        pinned[shape] = {k: dict(best)[k] for k in CONFIG_KEYS}
+        shapes[shape] = {"now": dict(now_cfg[shape]) if now_cfg.get(shape) in full else None,
+                         "now_us": full.get(now_cfg.get(shape)), "best": pinned[shape], "best_us": full[best],
+                         "base_us": base.get(shape)}
+    return {"per_token": per_token, "tuned": pinned, "shapes": shapes}
+
+
+def tuned_source(tuned: dict) -> str:
+    """`tuned` written as lora_gemv_triton.TUNED is, to paste over it."""
+    entries = ",\n".join(f"    {shape}: {json.dumps({k: cfg[k] for k in CONFIG_KEYS})}" for shape, cfg in tuned.items())
+    return "TUNED: dict[tuple[int, int], dict] = {\n" + entries + "}"
 
 
 def main() -> None:
@@ -245,7 +281,7 @@ def main() -> None:
     ap.add_argument("--graph-calls", type=int, default=100, help="calls captured in one CUDA graph")
     ap.add_argument("--replays", type=int, default=20, help="graph replays per variant (median)")
     ap.add_argument("--host-calls", type=int, default=1000, help="calls for the host-side cost")
-    ap.add_argument("--budget", type=float, default=40.0, help="seconds after which the sweep skips configurations "
+    ap.add_argument("--budget", type=float, default=90.0, help="seconds after which the sweep skips configurations "
                                                                  "(the default-tile rows always run first)")
     ap.add_argument("--tiny", action="store_true", help="small shapes, few iterations (a CPU smoke test with "
                                                         "TRITON_INTERPRET=1)")
@@ -255,7 +291,7 @@ def main() -> None:
     if args.tiny:
         shapes = [(n, i // 32 + 3, o // 32 + 5) for n, i, o in SHAPES]
         args.iters, args.graph_calls, args.replays, args.host_calls = 3, 4, 2, 3
-        SWEEP[:] = SWEEP[:2]
+        SWEEP[:], SWEEP_LONG[:] = SWEEP[:2], SWEEP_LONG[:1]
     if device == "cpu" and not lg._INTERPRET:
         sys.exit("tune_gemv.py needs a CUDA GPU (or TRITON_INTERPRET=1 with --tiny for a smoke test of the script)")
     info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
@@ -266,8 +302,10 @@ def main() -> None:
              for rank, adapters in RANKS for label, n_in, n_out in shapes]
     for case in cases:
         core_rows(case, args, device)
-    for cfg in SWEEP:  # configuration first: one compile (per padded rank) serves every shape
-        for case in cases:
+    long_input = [case for case in cases if case.result["in"] >= 2 * case.result["out"]]
+    sweeps = [(cfg, long_input) for cfg in SWEEP_LONG] + [(cfg, cases) for cfg in SWEEP]
+    for cfg, group in sweeps:  # configuration first: one compile (per padded rank) serves every shape
+        for case in group:
             sweep_rows(case, cfg, args, time.perf_counter() - t_start > args.budget)
     results = [case.result for case in cases]
     for res in results:
@@ -280,7 +318,13 @@ def main() -> None:
         print(f"  {rank}: " + ", ".join(f"{k} {v['eager_us']:.0f} eager / {v['graph_us']:.0f} graphed"
                                         if v["graph_us"] is not None else f"{k} {v['eager_us']:.0f} eager"
                                         for k, v in paths.items()))
-    print("tiles to pin per shape: lora_gemv_triton.TUNED =", repr(summary["tuned"]))
+    print(f"\nper shape, {'graphed' if device == 'cuda' else 'eager'} us summed over the ranks "
+          f"(config: {', '.join(CONFIG_KEYS)}):")
+    for (i, o), p in summary["shapes"].items():
+        print(f"  [{i} -> {o}]  now ({cfg_str(p['now'])}) {fmt(p['now_us'], 6)}  least ({cfg_str(p['best'])}) "
+              f"{fmt(p['best_us'], 6)}  base {fmt(p['base_us'], 6)}")
+    print("tiles to pin per shape (the least above), to paste over lora_gemv_triton.TUNED:")
+    print(tuned_source(summary["tuned"]))
     print(f"check: fused == cached within {MAX_REL_ERR:g} relative: {'PASS' if verdict else 'FAIL'} "
           f"({len(fused_rows)} outputs compared), {time.perf_counter() - t_start:.1f} s")
     if args.out:

@@ -12,12 +12,14 @@ with W(k, n) = W[k, n] for "in_out" (transformers Conv1D, [in, out]) and W[n, k]
 Products accumulate in fp32; h is rounded to the weight dtype before its product with Bd (as the cuBLAS path
 stores it); y is written in the weight dtype, which is the compute dtype (what the PyTorch path returns).
 
-Grid: one program per BLOCK_N output columns, each looping over K in BLOCK_K steps. Every program recomputes h
-for its rows (Ac is R x in: it stays in L2), which is what lets one launch do everything. Each program computes its
-block transposed (y^T = W^T xr^T + Bd h^T) so that the output columns are the MMA's long side, split across warps,
-and the rows of x its short side, padded to 16; R is padded to a power of two >= 16 (tl.dot's minimum); masks
-cover any in/out/R. Used by `layers._adapted` for no-grad eager forwards when `applies` says so;
-`benchmarks/tune_gemv.py` times it and sweeps the tile configuration on the GPU.
+Grid: SPLIT programs per BLOCK_N output columns, each looping over its slice of K in BLOCK_K steps (SPLIT > 1 fills
+the GPU when few column blocks meet a long input: the partial sums meet in an fp32 scratch and are added in a fixed
+order, so the result has the same bits on every launch). Every program recomputes h for its rows and slice (Ac is
+R x in: it stays in L2), which is what lets one launch do everything. Each program computes its block transposed
+(y^T = W^T xr^T + Bd h^T) so that the output columns are the MMA's long side, split across warps, and the rows of
+x its short side, padded to 16; R is padded to a power of two >= 16 (tl.dot's minimum); masks cover any in/out/R.
+Used by `layers._adapted` for no-grad eager forwards when `applies` says so; `benchmarks/tune_gemv.py` times it and
+sweeps the tile configuration on the GPU.
 
 Triton's interpreter (TRITON_INTERPRET=1, the CPU tests) multiplies bf16 as raw integers and truncates fp32 -> bf16;
 the constexpr INTERPRETER switches in exact workarounds there (fp32 products, round-to-nearest on the bits).
@@ -41,6 +43,7 @@ except ImportError:  # the CPU wheel has no triton: layers use the PyTorch path
 
 MAX_ROWS = 8  # rows of x (after flattening) this kernel takes; beyond that the GEMMs are no longer launch-bound
 MAX_RANK = 256  # the h accumulator [R, 16] and the Ac tiles stay in registers / shared memory up to this
+SPLITS = (1, 2, 4, 8)  # programs per column block, each summing a slice of the input (`SPLIT` in the tiles)
 _DTYPES = (torch.bfloat16, torch.float16)
 # (in, out) -> tiles with the least graphed time in benchmarks/tune_gemv.py on an H200 (ranks 8 and 32 summed)
 TUNED: dict[tuple[int, int], dict] = {
@@ -111,10 +114,12 @@ if triton is not None:
         across warps, and the few rows of x its short side (padded to BLOCK_M = 16), so no warp holds a copy of the
         weight tile.
 
-        SPLIT = 2: program (n, s) covers half of K, LoRA included (h's halves go through Bd separately: the
-        product is linear in h). Both halves are added into the zeroed fp32 `part` (0 + a + b = 0 + b + a: the
-        same bits whichever lands first); the second to arrive (`count`) writes y and zeroes `part` and `count`
-        for the next launch (also a CUDA graph replay)."""
+        SPLIT > 1: program (n, s) covers the s-th of SPLIT slices of K, LoRA included (h's slices go through Bd
+        separately: the product is linear in h), and stores its fp32 partial sum in slot s of `part` (read as
+        [SPLIT, M, N]).
+        Then it counts itself in `count[n]`; the last of the SPLIT to arrive adds the slots in slot order
+        (0, 1, ..., SPLIT - 1: the same bits whichever program is last), writes y and zeroes `count[n]` for the
+        next launch (also a CUDA graph replay). The slots need no zeroing: each is written before it is read."""
         cdt = w_ptr.dtype.element_ty  # the compute dtype: the weight's
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -150,14 +155,16 @@ if triton is not None:
         if SPLIT == 1:
             _finish(acc, bias_ptr, y_ptr, offs_m, offs_n, col_ok, out_ok, N, cdt, HAS_BIAS, INTERPRETER)
         else:
-            parts = part_ptr + offs_m[None, :] * N + offs_n[:, None]
-            tl.atomic_add(parts, acc, mask=out_ok)
-            tl.debug_barrier()  # every thread's add is issued before this block says it is done
-            if tl.atomic_add(count_ptr + tl.program_id(0), 1) == SPLIT - 1:  # the last half: the sum is complete
-                total = tl.atomic_add(parts, tl.zeros_like(acc), mask=out_ok)  # read where the adds landed (L2)
+            tile = part_ptr + offs_m[None, :] * N + offs_n[:, None]  # slot 0 of the scratch, read as [SPLIT, M, N]
+            tl.store(tile + tl.program_id(1) * M * N, acc, mask=out_ok)  # this program's slot: plain stores
+            tl.debug_barrier()  # every thread's store is issued before the block arrives (the release covers them)
+            arrived = tl.atomic_add(count_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")  # by one thread
+            if arrived == SPLIT - 1:  # the last of this column block: every slot is written and visible to it
+                total = tl.load(tile, mask=out_ok, other=0.0, cache_modifier=".cg")  # .cg: from L2, not a stale L1
+                for s in tl.static_range(1, SPLIT):  # slot order, whichever program arrived last
+                    total += tl.load(tile + s * M * N, mask=out_ok, other=0.0, cache_modifier=".cg")
                 _finish(total, bias_ptr, y_ptr, offs_m, offs_n, col_ok, out_ok, N, cdt, HAS_BIAS, INTERPRETER)
-                tl.store(parts, tl.zeros_like(acc), mask=out_ok)
-                tl.store(count_ptr + tl.program_id(0), 0)
+                tl.store(count_ptr + tl.program_id(0), 0)  # zero for the next launch (a CUDA graph replay too)
 
     @triton.jit
     def _finish(acc, bias_ptr, y_ptr, offs_m, offs_n, col_ok, out_ok, N, cdt: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -233,10 +240,10 @@ def _launch(key: tuple, config: dict | None) -> tuple:
     cfg = {**default_config(K, N, R), **TUNED.get((K, N), {}), **(config or {})}
     if cfg["BLOCK_N"] < 16 or cfg["BLOCK_K"] < 16:
         raise ValueError(f"lora_gemv tiles: BLOCK_N and BLOCK_K must be >= 16 (tl.dot's minimum), got {cfg}")
-    if cfg.get("SPLIT", 1) not in (1, 2):
-        raise ValueError(f"lora_gemv tiles: SPLIT must be 1 or 2 (two fp32 partial sums add the same in either "
-                         f"order; three would not), got {cfg}")
     cfg.setdefault("SPLIT", 1)
+    if cfg["SPLIT"] not in SPLITS:
+        raise ValueError(f"lora_gemv tiles: SPLIT (programs per column block, each a slice of the input) must be "
+                         f"one of {SPLITS}, got {cfg}")
     hit = (N, (triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT"]),
            dict(W_IN_OUT=layout == "in_out", HAS_BIAS=bias_shape is not None,
                 R_PAD=max(16, triton.next_power_of_2(R)), INTERPRETER=_INTERPRET, BLOCK_M=16, **cfg))
@@ -245,18 +252,21 @@ def _launch(key: tuple, config: dict | None) -> tuple:
     return hit
 
 
-_scratch: dict[tuple, tuple[Tensor, Tensor]] = {}  # device, stream, out, blocks -> (fp32 partial sums, counters)
+_scratch: dict[tuple, tuple[Tensor, Tensor]] = {}  # device, stream, out, grid -> (fp32 partial sums, counters)
 
 
 def _partials(y: Tensor, grid: tuple) -> tuple[Tensor, Tensor]:
-    """The zeroed fp32 sums and arrival counters of a SPLIT launch; each launch leaves them zeroed again. One pair
-    per stream: launches on one stream run one after another, so they never share the pair at the same time."""
+    """The fp32 partial-sum slots [SPLIT, MAX_ROWS, out] and the zeroed arrival counters [column blocks] of a SPLIT
+    launch. Each launch writes every slot element it reads and leaves the counters zeroed again, so the pair is
+    allocated once and stays valid across CUDA graph capture and replays (first made during a capture, the
+    counters' zero fill is part of that graph: one small kernel per replay). One pair per stream: launches on one
+    stream run one after another, so they never share the pair at the same time."""
     dev = y.device
     stream = torch._C._cuda_getCurrentRawStream(dev.index) if dev.type == "cuda" else 0
-    key = (dev, stream, y.shape[-1], grid[0])
+    key = (dev, stream, y.shape[-1], grid)
     hit = _scratch.get(key)
     if hit is None:
-        hit = _scratch[key] = (torch.zeros(MAX_ROWS, y.shape[-1], dtype=torch.float32, device=dev),
+        hit = _scratch[key] = (torch.empty(grid[1], MAX_ROWS, y.shape[-1], dtype=torch.float32, device=dev),
                                torch.zeros(grid[0], dtype=torch.int32, device=dev))
     return hit
 
@@ -267,9 +277,13 @@ def lora_gemv(x: Tensor, weight: Tensor, bias: Tensor | None, Ac: Tensor, Bd: Te
 
     `weight` in `layout` ("in_out" [in, out] or "out_in" [out, in]); Ac [R, in], Bd [out, R] already in weight's
     dtype with d folded into Bd (`LoRALayer.inference_factors`). Call only where `applies(x, weight, Ac)`.
-    `config`: BLOCK_N, BLOCK_K, num_warps, num_stages for this call only, over TUNED and `default_config`.
+    `config`: BLOCK_N, BLOCK_K, SPLIT, num_warps, num_stages for this call only, over TUNED and `default_config`.
     """
     K = x.shape[-1]
+    M = x.numel() // K
+    if M > MAX_ROWS:  # the kernel covers 16 rows, the scratch MAX_ROWS: more would be dropped or overrun
+        raise ValueError(f"lora_gemv takes at most {MAX_ROWS} rows of x, got {M} (x {tuple(x.shape)}): check "
+                         f"`applies` first and use the PyTorch path for more")
     key = (K, weight.shape, Ac.shape, Bd.shape, None if bias is None else tuple(bias.shape), Bd.dtype, weight.dtype,
            layout)
     N, grid, kw = _launch(key, config)
@@ -279,7 +293,7 @@ def lora_gemv(x: Tensor, weight: Tensor, bias: Tensor | None, Ac: Tensor, Bd: Te
         Ac, Bd = Ac.contiguous(), Bd.contiguous()
     y = torch.empty((*x.shape[:-1], N), dtype=weight.dtype, device=x.device)
     part, count = _partials(y, grid) if grid[1] > 1 else (y, y)
-    args = (x, weight, weight if bias is None else bias, Ac, Bd, y, part, count, x.numel() // K, K, N, Ac.shape[0])
+    args = (x, weight, weight if bias is None else bias, Ac, Bd, y, part, count, M, K, N, Ac.shape[0])
     if not (_DIRECT and DIRECT_LAUNCH and config is None) or _jit_only():
         _lora_gemv_kernel[grid](*args, **kw)
         return y

@@ -97,36 +97,66 @@ def check_training_path(dtype: torch.dtype) -> str:
 
 
 def check_decode_kernel(layout: str, n_adapters: int) -> str:
-    """The one-launch decode kernel (lora_gemv_triton) against the two-GEMM cached path and float64; the same bits
-    on a second launch (SPLIT 2's scratch left zeroed, its two partial sums order-free)."""
-    return "; ".join(_decode_kernel_case(layout, n_adapters, inp, out) for inp, out in ((1280, 3840), (5120, 1280)))
+    """The one-launch decode kernel (lora_gemv_triton) against the two-GEMM cached path and float64, with decode's
+    tiles and, on the long-input layer, SPLIT 4 and 8 (what tune_gemv.py sweeps there); the same bits on 20
+    relaunches (whichever program of a column block arrives last) and on CUDA graph replays, the counters zeroed."""
+    cases = ((1280, 3840, None), (5120, 1280, None), (5120, 1280, 4), (5120, 1280, 8))
+    return "; ".join(_decode_kernel_case(layout, n_adapters, inp, out, split) for inp, out, split in cases)
 
 
-def _decode_kernel_case(layout: str, n_adapters: int, inp: int, out: int) -> str:
+def _decode_kernel_case(layout: str, n_adapters: int, inp: int, out: int, split: int | None) -> str:
     from lora_engine.kernels import lora_gemv_triton as gemv
+    R = 8 * n_adapters
+    tiles = {**gemv.default_config(inp, out, R), **gemv.TUNED.get((inp, out), {})}  # what decode launches
+    pinned = gemv.TUNED.get((inp, out))
+    if split is not None:
+        tiles["SPLIT"] = split
+        gemv.set_config(inp, out, tiles)  # through TUNED: the launch decode takes (direct after the first)
+    try:
+        worst = _decode_kernel_errors(gemv, layout, R, inp, out)
+    finally:
+        if split is not None:
+            gemv.set_config(inp, out, pinned)
+    assert all(not c.any() for _, c in gemv._scratch.values()), "decode kernel: arrival counters left non-zero"
+    return f"decode kernel {layout} {inp}->{out} split {tiles['SPLIT']} R={R}: rel err vs float64 {worst:.1e}"
+
+
+def _decode_kernel_errors(gemv, layout: str, R: int, inp: int, out: int) -> float:
+    """The worst error relative to float64 over 1, 3 and 8 rows; asserts relaunches and graph replays agree."""
     torch.manual_seed(2)
     W = (torch.randn((out, inp) if layout == "out_in" else (inp, out), device="cuda") * 0.02).to(torch.bfloat16)
     bias = (torch.randn(out, device="cuda") * 0.1).to(torch.bfloat16)
-    A = torch.randn(8 * n_adapters, inp, device="cuda") / inp ** 0.5
-    B = torch.randn(out, 8 * n_adapters, device="cuda") * 0.05
-    Ac, Bd = A.to(torch.bfloat16), Fn.fold_scale(B, torch.full((8 * n_adapters,), 0.5, device="cuda"), torch.bfloat16)
+    A = torch.randn(R, inp, device="cuda") / inp ** 0.5
+    B = torch.randn(out, R, device="cuda") * 0.05
+    Ac, Bd = A.to(torch.bfloat16), Fn.fold_scale(B, torch.full((R,), 0.5, device="cuda"), torch.bfloat16)
     worst = 0.0
-    for rows in (1, 3):
+    for rows in (1, 3, 8):
         x = torch.randn(rows, 1, inp, device="cuda")  # fp32, as LayerNorm gives it under autocast
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             assert gemv.applies(x, W, Ac), "the decode kernel does not take a bf16 one-token forward"
             got = gemv.lora_gemv(x, W, bias, Ac, Bd, layout)
-            assert torch.equal(got, gemv.lora_gemv(x, W, bias, Ac, Bd, layout)), "decode kernel: a relaunch differs"
+            same = all(torch.equal(got, gemv.lora_gemv(x, W, bias, Ac, Bd, layout)) for _ in range(20))
+            assert same, f"decode kernel {layout} {inp}->{out} rows={rows}: a relaunch differs"
             ref = Fn.lora_linear_cached(x, W, bias, Ac, Bd, None, layout)
         xr = x.to(torch.bfloat16).double().reshape(rows, inp)
         Wd = W.double() if layout == "in_out" else W.double().t()
         want = (xr @ Wd + bias.double() + (xr @ Ac.double().t()) @ Bd.double().t()).reshape(got.shape)
         err = ((got.double() - want).norm() / want.norm()).item()
         err_ref = ((ref.double() - want).norm() / want.norm()).item()
-        assert err <= max(2 * err_ref, 4e-3), f"decode kernel {layout} rows={rows}: rel err {err:.1e} (cuBLAS {err_ref:.1e})"
+        assert err <= max(2 * err_ref, 4e-3), \
+            f"decode kernel {layout} {inp}->{out} rows={rows}: rel err {err:.1e} (cuBLAS {err_ref:.1e})"
         worst = max(worst, err)
-    split = gemv.default_config(inp, out, 8 * n_adapters)["SPLIT"]
-    return f"decode kernel {layout} {inp}->{out} split {split} R={8 * n_adapters}: rel err vs float64 {worst:.1e}"
+    x = torch.randn(1, 1, inp, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad():
+        with torch.cuda.graph(graph):  # its own stream: the scratch for it is made here, once
+            y = gemv.lora_gemv(x, W, bias, Ac, Bd, layout)
+        for _ in range(3):
+            x.copy_(torch.randn_like(x))
+            graph.replay()
+            assert torch.equal(y, gemv.lora_gemv(x, W, bias, Ac, Bd, layout)), \
+                f"decode kernel {layout} {inp}->{out}: a CUDA graph replay differs from the eager launch"
+    return worst
 
 
 def run_all() -> list[str]:
