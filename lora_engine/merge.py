@@ -9,6 +9,9 @@ element and +-1 at exponent boundaries and ties, so it fits in int8; the rare el
 does not (a sign change, a large jump in exponent) keep their original value in a small sparse list.
 Memory cost: 1 byte per merged base weight element (a snapshot would cost 2 in bf16/fp16, 4 in fp32),
 plus the stacked A/B/scales of the merged blend (the delta is recomputed, never stored).
+
+On CUDA the grouped kernels of kernels/merge_triton.py do both passes, from a FusedPlan that is kept between merges
+(see `_fused_key`); elsewhere the PyTorch path below.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from .inject import lora_layers
 from .kernels import merge_triton
 from .layers import LoRALayer
 
-GROUP_CACHE_ATTR = "_lora_merge_groups"  # on the root module: the fused merge's prepared groups, for reuse
+PLAN_ATTR = "_lora_merge_plan"  # on the root module: the last fused merge's FusedPlan, reused while it holds
 _BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
          torch.float64: torch.int64}
 
@@ -54,28 +57,52 @@ class FusedMergeRecord:
     weights: dict[str, float]
     group: "merge_triton.Group"
     slot: int
+    plan: "FusedPlan | None" = dataclasses.field(default=None, repr=False, compare=False)  # unmerged as a whole
 
     def nbytes(self) -> int:
         return self.group.nbytes() // len(self.group.weights)
+
+
+@dataclasses.dataclass(eq=False)
+class FusedPlan:
+    """A fused merge of one adapter set, kept on the root module between merges (see `_merge_again`).
+
+    Why: at this size the host time of a merge is comparable to its kernel time. On the benchmark GPT (96 layers in
+    4 groups) walking the layers, looking up the factors, grouping, snapshotting and building the pointer tables took
+    1.2-2.2 ms of host time per merge against 2-5 ms of kernels; with the plan kept, merging the same unchanged
+    adapters again is a key check, one launch per group, one host sync and the records."""
+
+    key: tuple  # `_fused_key(layers, weights)` when it was built; equal keys mean the plan still holds
+    entries: list[tuple[str, LoRALayer]]  # (path, layer) of every merged layer, in lora_layers() order
+    layers: list[LoRALayer]
+    ptrs: list[int]  # each layer's weight storage, where the kernels write
+    groups: list["merge_triton.Group"]
+    paths: list[list[str]]  # per group, its layers' paths by slot (to name the layers a refusal is about)
+    records: list[FusedMergeRecord]  # per layer, what merge() sets as layer.merged
+    counts: Tensor  # every group's counts in one buffer (merge_triton.shared_counts): one read per merge
+    held: list  # the factors and their storages named in `key`: their ids and pointers stay unique while held
+    merged: bool = False
 
 
 def _bits(t: Tensor) -> Tensor:
     return t.view(_BITS[t.dtype]).to(torch.int64)
 
 
-def _plan(layers: Mapping[str, LoRALayer], weights: Mapping[str, float] | None) -> list[tuple[str, LoRALayer, dict]]:
-    plan = []
+def _mixes(layers: Mapping[str, LoRALayer], weights: Mapping[str, float] | None) -> list[tuple[str, LoRALayer, dict]]:
+    """(path, layer, {adapter: weight}) of every layer with something to merge."""
+    mixes = []
     for path, layer in layers.items():
         if weights is None:
             if any(isinstance(w, Tensor) for w in layer.blend.values()):
                 raise ValueError("the active blend has per-row tensor weights, which cannot be merged: "
                                  "pass merge(model, {adapter: float, ...})")
             mix = dict(layer.blend)
-        else:
-            mix = {n: float(w) for n, w in weights.items() if n in layer.lora_A}
+        else:  # the registry read directly: nn.Module.__getattr__ costs more than the lookup
+            adapters = layer._modules["lora_A"]._parameters
+            mix = {n: float(w) for n, w in weights.items() if n in adapters}
         if mix:
-            plan.append((path, layer, mix))
-    return plan
+            mixes.append((path, layer, mix))
+    return mixes
 
 
 def _stacked(layer: LoRALayer, mix: dict[str, float]) -> tuple[Tensor, Tensor, Tensor]:
@@ -113,26 +140,34 @@ def _refuse(bad: list[str], dtype: torch.dtype) -> None:
 def merge(model: nn.Module, weights: Mapping[str, float] | None = None) -> list[str]:
     """Add the blend (default: the active one) into the base weights in place; returns merged paths.
 
-    Forward then runs the base path alone. `unmerge(model)` restores the original bits exactly.
+    Forward then runs the base path alone. `unmerge(model)` restores the original bits exactly. On CUDA, merging
+    the same unchanged adapters as the last merge of `model` reuses that merge's plan (FusedPlan).
     """
+    if weights is not None:
+        weights = dict(weights)
+    kept = model.__dict__.get(PLAN_ATTR)
+    if kept is not None and _merge_again(model, kept, weights):
+        return [path for path, _ in kept.entries]
     layers = lora_layers(model)
     if any(layer.merged is not None for layer in layers.values()):
         raise RuntimeError("the model is already merged: call unmerge(model) first")
     if weights is not None:
-        weights = dict(weights)
         check_weights(model, weights, allow_rows=False, layers=layers)
-    plan = _plan(layers, weights)
-    if not plan:
+    mixes = _mixes(layers, weights)
+    if not mixes:
         raise ValueError("nothing to merge: no adapter is active and no weights were given")
-    factors = _factors(plan)
-    if _fused_applies(plan, factors):
-        _merge_fused(plan, factors, model.__dict__.setdefault(GROUP_CACHE_ATTR, {}))
-        return [path for path, _, _ in plan]
-    stacks = [_stacked(layer, mix) for _, layer, mix in plan]
-    _refuse_non_finite(plan, stacks)
-    for (_, layer, mix), (A, B, d) in zip(plan, stacks):
+    factors = _factors(mixes)
+    if kept is not None and not kept.merged:
+        del model.__dict__[PLAN_ATTR], kept  # stale: its snapshot goes before a new one is taken
+    if _fused_applies(mixes, factors):
+        plan = model.__dict__[PLAN_ATTR] = _plan_and_launch(mixes, factors, weights)
+        _complete(plan)
+        return [path for path, _, _ in mixes]
+    stacks = [_stacked(layer, mix) for _, layer, mix in mixes]
+    _refuse_non_finite(mixes, stacks)
+    for (_, layer, mix), (A, B, d) in zip(mixes, stacks):
         layer.merged = _merge_layer(layer, mix, A, B, d)
-    return [path for path, _, _ in plan]
+    return [path for path, _, _ in mixes]
 
 
 def _factors(plan) -> list[list[tuple[Tensor, Tensor, float]]]:
@@ -149,46 +184,6 @@ def _fused_applies(plan, factors) -> bool:
     return same_rank and merge_triton.available([layer.weight for _, layer, _ in plan], tensors)
 
 
-def _merge_fused(plan, factors, cache: dict) -> None:
-    """Group same-shape layers and merge each group in one pass; one host sync reads what the pass found.
-
-    A non-finite W' is never written (the kernel leaves that element and marks it), so a refusal is an exact
-    unmerge of what was written; an overflow list that ran out of slots (rare) is redone with the exact size.
-    `cache` keeps each group's factor snapshot and pointer tables for the next merge of the same, unchanged
-    adapters (merge_triton.prepare checks every tensor's identity, storage and version).
-    """
-    groups: dict[tuple, list] = {}
-    for entry, per in zip(plan, factors):
-        W = entry[1].weight
-        key = (W.dtype, entry[1].layout, tuple(W.shape), tuple(A.shape[0] for A, _, _ in per))
-        groups.setdefault(key, []).append((entry, per))
-    built = []
-    for key, members in groups.items():
-        weights = [entry[1].weight.detach() for entry, _ in members]
-        g = merge_triton.prepare(cache.get(key), weights, key[1], [per for _, per in members])
-        cache[key] = g
-        merge_triton.launch_merge(g)
-        built.append((g, [entry for entry, _ in members]))
-    for key in [k for k in cache if k not in groups]:
-        del cache[key]  # only the last merge's groups are kept
-    found = merge_triton.finish([g for g, _ in built])  # the one host sync of a merge
-    bad = [path for (g, members), (non_finite, _) in zip(built, found)
-           for (path, _, _), n in zip(members, non_finite) if n]
-    if bad:
-        for g, _ in built:
-            merge_triton.restore(g)
-        _refuse(bad, plan[0][1].weight.dtype)
-    short = [(g, asked) for (g, _), (_, asked) in zip(built, found) if asked > g.ov_total]
-    for g, asked in short:  # the overflow list was too small: undo this group exactly, redo with the exact size
-        merge_triton.restore(g)
-        merge_triton.launch_merge(g, capacity=asked)
-    if short:
-        merge_triton.finish([g for g, _ in short])
-    for g, members in built:
-        for slot, (_, layer, mix) in enumerate(members):
-            layer.merged = FusedMergeRecord(weights=mix, group=g, slot=slot)
-
-
 def _merge_layer(layer: LoRALayer, mix: dict[str, float], A: Tensor, B: Tensor, d: Tensor) -> MergeRecord:
     W = layer.weight.detach()
     delta = delta_weight(A, B, d, layer.layout)
@@ -202,31 +197,200 @@ def _merge_layer(layer: LoRALayer, mix: dict[str, float], A: Tensor, B: Tensor, 
                        overflow_index=overflow, overflow_value=original.flatten()[overflow].clone())
 
 
+# ---- the fused path: a plan built once, then reused while its key holds ----------------------------------------
+
+def _fused_key(layers: list[LoRALayer], weights: dict | None) -> tuple | None:
+    """Everything a FusedPlan of `layers` depends on, read cheaply (no tensor is made, no host sync).
+
+    Per layer: not merged; its weight's pointer, dtype, shape and contiguity (the pointer tables address it).
+    Per adapter of its mix: name, weight and scale (the S table), and each factor's id, version counter (bumped by
+    an in-place write such as an optimizer step or load_adapter's copy_) and data pointer (changed by
+    `p.data = ...`). The plan holds every tensor and storage it read (its groups the weights', `held` the
+    factors'), so no other tensor can take their ids or pointers while it lives. Not seen, as in
+    layers.inference_factors and train_casts: writes that bypass the version counter (`p.data.add_`,
+    torch._fused_adamw_ as of torch 2.13, a kernel writing through a raw pointer).
+    None: a weight that is not a plain float/int (e.g. a per-row tensor): merge() plans afresh and says why.
+    """
+    if weights is not None:
+        items = tuple(weights.items())
+        if not all(type(w) is float or type(w) is int for _, w in items):
+            return None
+    key = [tuple(merge_triton.CONFIG.items()), None if weights is None else items]
+    for layer in layers:
+        if layer.merged is not None:
+            return None
+        # registries read directly: nn.Module.__getattr__ would cost more than the rest of this loop
+        W = layer._parameters["weight"]
+        As, Bs, scaling = layer._modules["lora_A"]._parameters, layer._modules["lora_B"]._parameters, layer.scaling
+        key.append((W.data_ptr(), W.dtype, W.shape, W.is_contiguous()))  # one tuple opens each layer's run
+        for n, w in (layer.blend.items() if weights is None else items):
+            A = As.get(n)
+            if A is None:
+                continue
+            if type(w) is not float and type(w) is not int:
+                return None
+            B = Bs[n]
+            key += (n, w, scaling[n], id(A), A._version, A.data_ptr(), id(B), B._version, B.data_ptr())
+    return tuple(key)
+
+
+def _plan_and_launch(mixes, factors, weights: dict | None) -> FusedPlan:
+    """Group same-shape layers; per group snapshot its factors, build its pointer tables and launch its merge (the
+    GPU merges a group while the next one is built)."""
+    layers = [layer for _, layer, _ in mixes]
+    groups: dict[tuple, list[int]] = {}
+    for i, (layer, per) in enumerate(zip(layers, factors)):
+        W = layer.weight
+        gkey = (W.dtype, layer.layout, tuple(W.shape), tuple(A.shape[0] for A, _, _ in per))
+        groups.setdefault(gkey, []).append(i)
+    counts, views = merge_triton.shared_counts([len(m) for m in groups.values()], layers[0].weight.device)
+    built, records = [], [None] * len(layers)
+    for (gkey, members), view in zip(groups.items(), views):
+        g = merge_triton.build_group([layers[i].weight.detach() for i in members], gkey[1],
+                                     [factors[i] for i in members], counts=view)
+        merge_triton.launch_merge(g)
+        built.append(g)
+        for slot, i in enumerate(members):
+            records[i] = FusedMergeRecord(weights=mixes[i][2], group=g, slot=slot)
+    key = _fused_key(layers, weights)  # read while the GPU merges: a launch moves no version, pointer or record
+    held = [x for per in factors for A, B, _ in per for t in (A, B) for x in (t, t.untyped_storage())]
+    plan = FusedPlan(key=key, entries=[(path, layer) for path, layer, _ in mixes], layers=layers,
+                     ptrs=[layer.weight.data_ptr() for layer in layers], groups=built,
+                     paths=[[mixes[i][0] for i in members] for members in groups.values()], records=records,
+                     counts=counts, held=held)
+    for rec in records:
+        rec.plan = plan
+    return plan
+
+
+def _merge_again(model: nn.Module, plan: FusedPlan, weights: dict | None) -> bool:
+    """Merge with a kept plan if nothing it was built from changed; False (nothing written) if it is stale.
+
+    The kernels are launched before the model is walked: the walk, which finds layers added, removed, replaced or
+    merged through another module, then runs while the GPU merges, and a model that changed is undone exactly.
+    """
+    key = _fused_key(plan.layers, weights)
+    if plan.merged or key is None or key != plan.key:
+        return False
+    _launch(plan)
+    if not _same_layers(model, plan, weights):
+        merge_triton.finish(plan.groups, plan.counts)  # the overflow totals the undo needs
+        _restore(plan)
+        return False
+    _complete(plan)
+    return True
+
+
+def _same_layers(model: nn.Module, plan: FusedPlan, weights: dict | None) -> bool:
+    """Whether merge() would plan the same layers now: the same paths and modules, none of them merged."""
+    layers = lora_layers(model)
+    if any(layer.merged is not None for layer in layers.values()):
+        return False
+    try:
+        return [(path, layer) for path, layer, _ in _mixes(layers, weights)] == plan.entries
+    except ValueError:  # a per-row blend appeared: merge() plans afresh and refuses it
+        return False
+
+
+def _launch(plan: FusedPlan) -> None:
+    for g in plan.groups:
+        merge_triton.launch_merge(g)
+
+
+def _complete(plan: FusedPlan) -> None:
+    """The one host sync of a merge, then: refuse (the launch is undone exactly), or redo a group whose overflow list
+    ran out of slots (rare) at the exact size, or set the layers' records.
+
+    A non-finite W' is never written (the kernel leaves that element and marks it), so a refusal is an exact unmerge
+    of what was written."""
+    found = merge_triton.finish(plan.groups, plan.counts)
+    bad = [path for paths, (non_finite, _) in zip(plan.paths, found) for path, n in zip(paths, non_finite) if n]
+    if bad:
+        _restore(plan)
+        _refuse(bad, plan.groups[0].weights[0].dtype)
+    short = [(g, asked) for g, (_, asked) in zip(plan.groups, found) if asked > g.capacity]
+    for g, asked in short:
+        merge_triton.restore(g)
+        merge_triton.launch_merge(g, capacity=asked)
+    if short:
+        merge_triton.finish(plan.groups, plan.counts)
+    for layer, rec in zip(plan.layers, plan.records):
+        _set_merged(layer, rec)
+    plan.merged = True
+
+
+def _restore(plan: FusedPlan) -> None:
+    for g in plan.groups:
+        merge_triton.restore(g)
+
+
+def _set_merged(layer: LoRALayer, rec) -> None:
+    """layer.merged = rec, without nn.Module.__setattr__'s registry checks (`merged` is a plain attribute; this
+    runs for every layer of every fused merge and unmerge)."""
+    object.__setattr__(layer, "merged", rec)
+
+
+def _unmerge_fused(plan: FusedPlan) -> list[LoRALayer]:
+    """Undo a fused merge as a whole (its groups span the model): one launch per group; returns its layers."""
+    if plan.merged:
+        if any(layer._parameters["weight"].data_ptr() != ptr for layer, ptr in zip(plan.layers, plan.ptrs)):
+            _follow_moved_weights(plan)
+        _restore(plan)
+        plan.merged = False
+    for layer, rec in zip(plan.layers, plan.records):
+        if layer.merged is rec:
+            _set_merged(layer, None)
+    return plan.layers
+
+
+def _follow_moved_weights(plan: FusedPlan) -> None:
+    """Point the groups at the weights as they are now: the model was moved since the merge and brought back (new
+    storage, the merged values), e.g. model.cpu().cuda(). Checked for every layer before anything is restored."""
+    now = {id(g): list(g.weights) for g in plan.groups}
+    for (path, layer), rec in zip(plan.entries, plan.records):
+        W, was = layer.weight.detach(), rec.group.weights[rec.slot]
+        _on_cuda_or_refuse(layer)
+        if (W.device, W.dtype, W.shape) != (was.device, was.dtype, was.shape) or not W.is_contiguous():
+            raise RuntimeError(f"the base weight of {path} is not where the fused merge can restore it: it is "
+                               f"{W.dtype} {tuple(W.shape)} on {W.device} now, was {was.dtype} {tuple(was.shape)} on "
+                               f"{was.device} when merged. Move or cast the model back first (or unmerge before "
+                               "moving or casting a merged model)")
+        now[id(rec.group)][rec.slot] = W
+    for g in plan.groups:
+        merge_triton.repoint(g, now[id(g)])
+    plan.ptrs = [layer.weight.data_ptr() for layer in plan.layers]
+
+
 @torch.no_grad()
 def unmerge(model: nn.Module) -> list[str]:
-    """Take every merged delta back out, restoring the base weights bit for bit; returns the paths."""
-    done, restored_groups = [], set()
+    """Take every merged delta back out, restoring the base weights bit for bit; returns the paths.
+
+    A fused merge is undone as a whole: unmerging a submodule of a model merged on CUDA unmerges all of it."""
+    undone: set[int] = set()  # id() of the layers unmerged here
+    kept = model.__dict__.get(PLAN_ATTR)
+    if kept is not None and kept.merged:  # launched first: the walk below runs while the GPU restores
+        undone.update(map(id, _unmerge_fused(kept)))
+    done = []
     for path, layer in lora_layers(model).items():
         rec = layer.merged
-        if rec is None:
-            continue
-        if isinstance(rec, FusedMergeRecord):
-            if id(rec.group) not in restored_groups:  # one launch restores every layer of the group
-                _on_cuda_or_refuse(layer)
-                merge_triton.restore(rec.group)
-                restored_groups.add(id(rec.group))
-            layer.merged = None
+        if isinstance(rec, FusedMergeRecord):  # merged through another module (e.g. the root of a submodule)
+            undone.update(map(id, _unmerge_fused(rec.plan)))
+        elif rec is not None:
+            _unmerge_layer(layer, rec)
+            undone.add(id(layer))
+        if id(layer) in undone:
             done.append(path)
-            continue
-        W = layer.weight.detach()
-        back = (W.float() - delta_weight(rec.A, rec.B, rec.d, layer.layout)).to(W.dtype)
-        bits = _bits(back) + rec.correction.to(torch.int64)
-        restored = bits.to(_BITS[W.dtype]).view(W.dtype)
-        restored.view(-1)[rec.overflow_index] = rec.overflow_value
-        W.copy_(restored)
-        layer.merged = None
-        done.append(path)
     return done
+
+
+def _unmerge_layer(layer: LoRALayer, rec: MergeRecord) -> None:
+    W = layer.weight.detach()
+    back = (W.float() - delta_weight(rec.A, rec.B, rec.d, layer.layout)).to(W.dtype)
+    bits = _bits(back) + rec.correction.to(torch.int64)
+    restored = bits.to(_BITS[W.dtype]).view(W.dtype)
+    restored.view(-1)[rec.overflow_index] = rec.overflow_value
+    W.copy_(restored)
+    layer.merged = None
 
 
 def merge_memory_bytes(model: nn.Module) -> int:

@@ -37,9 +37,11 @@ _BITS = {torch.bfloat16: 16, torch.float16: 16, torch.float32: 32}
 
 
 def available(weights: list[Tensor], factors: list[Tensor]) -> bool:
-    """The fused path applies to CUDA weights in bf16/fp16/fp32 with fp32 adapter factors."""
+    """The fused path applies to contiguous CUDA weights in bf16/fp16/fp32 with fp32 adapter factors (the kernels
+    address a weight as row-major [M, N])."""
     return (triton is not None and bool(weights) and all(w.is_cuda and w.dtype in _BITS and w.dim() == 2
-                                                         and w.numel() < 2 ** 31 for w in weights)
+                                                         and w.numel() < 2 ** 31 and w.is_contiguous()
+                                                         for w in weights)
             and all(f.is_cuda and f.dtype == torch.float32 for f in factors))
 
 
@@ -141,9 +143,12 @@ if triton is not None:
         tl.store(o_ptr + tl.load(ov_index + k, mask=m, other=0), tl.load(ov_value + k, mask=m), mask=m)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class Group:
-    """Layers merged together by one launch: same weight shape/dtype/layout and the same adapter ranks."""
+    """Layers merged together by one launch: same weight shape/dtype/layout and the same adapter ranks.
+
+    Kept between merges (merge.py's FusedPlan): the snapshot, the tables, the launch arguments and the overflow list's
+    buffers are reused; only the corrections live from a merge to its unmerge (1 byte per weight element)."""
 
     weights: list[Tensor]
     factors: Tensor  # flat fp32 snapshot of every A_a and B_a of the group (the delta is recomputed from it)
@@ -152,14 +157,14 @@ class Group:
     strides: tuple[int, int, int, int]
     ranks: tuple[int, ...]
     config: dict  # the tile configuration merge and unmerge share
-    key: tuple = ()  # what the snapshot was taken from (see `prepare`)
-    sources: list = dataclasses.field(default_factory=list)  # the factor tensors, held so their ids stay unique
     corrections: Tensor | None = None  # int8 [layers, M * N] while merged
-    ov_layer: Tensor | None = None
+    ov_layer: Tensor | None = None  # the overflow list's buffers: at least `capacity` entries, kept between merges
     ov_index: Tensor | None = None
     ov_value: Tensor | None = None
+    capacity: int = 0  # overflow slots the last merge pass could fill
     ov_total: int = 0  # entries in the overflow list (set once the merge pass is counted)
     counts: Tensor | None = None  # device [layers + 1] of the last merge pass: non-finite per layer, overflow asked
+    launch: tuple | None = None  # (config, grid, constexpr kwargs) as `_launch_args` last computed them
 
     def nbytes(self) -> int:
         extra = [self.factors, *self.tables.values()]
@@ -167,26 +172,11 @@ class Group:
         return sum(t.numel() * t.element_size() for t in extra)
 
 
-def _key(weights: list[Tensor], factors: list[list[tuple[Tensor, Tensor, float]]]) -> tuple:
-    """Identity, storage and version of every input: equal keys mean the same snapshot and pointer tables."""
-    return (tuple(CONFIG.items()), tuple((w.data_ptr(), w.shape) for w in weights),
-            tuple((id(A), A._version, A.data_ptr(), id(B), B._version, B.data_ptr(), s)
-                  for per in factors for A, B, s in per))
+def build_group(weights: list[Tensor], layout: str, factors: list[list[tuple[Tensor, Tensor, float]]],
+                counts: Tensor | None = None) -> Group:
+    """Snapshot the factors (one cat) and build the pointer tables. factors[layer] = [(A_a, B_a, s_a), ...].
 
-
-def prepare(prev: Group | None, weights: list[Tensor], layout: str,
-            factors: list[list[tuple[Tensor, Tensor, float]]]) -> Group:
-    """`prev` again if it was built from exactly these (unchanged) tensors and scales, else a new group."""
-    key = _key(weights, factors)
-    if prev is not None and prev.key == key and prev.corrections is None:
-        return prev
-    g = build_group(weights, layout, factors)
-    g.key, g.sources = key, [t for per in factors for A, B, _ in per for t in (A, B)]
-    return g
-
-
-def build_group(weights: list[Tensor], layout: str, factors: list[list[tuple[Tensor, Tensor, float]]]) -> Group:
-    """Snapshot the factors (one cat) and build the pointer tables. factors[layer] = [(A_a, B_a, s_a), ...]."""
+    `counts`: where the merge pass counts, a view from `shared_counts` (default: the group's own buffer)."""
     dev, W0 = weights[0].device, weights[0]
     if len({A.shape[0] for per in factors for A, _, _ in per}) != 1:
         raise ValueError("fused merge needs one rank for every adapter of a group (merge.py falls back otherwise)")
@@ -212,15 +202,25 @@ def build_group(weights: list[Tensor], layout: str, factors: list[list[tuple[Ten
     table = torch.cat([torch.tensor([w.data_ptr() for w in weights] + P + Q, dtype=torch.int64), scales]).to(dev)
     tables = {"W": table[:L], "P": table[L:L + K], "Q": table[L + K:L + 2 * K],
               "S": table[L + 2 * K:].view(torch.float64)}
-    return Group(list(weights), flat, tables, (M, N), strides, ranks, dict(CONFIG))
+    return Group(list(weights), flat, tables, (M, N), strides, ranks, dict(CONFIG), counts=counts)
 
 
-def _launch_args(g: Group):
-    M, N = g.shape
-    R, cfg = g.ranks[0], g.config
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), len(g.weights))
-    bits = _BITS[g.weights[0].dtype]
-    return grid, dict(NA=len(g.ranks), R=R, BITS=bits, **cfg)
+def repoint(g: Group, weights: list[Tensor]) -> None:
+    """Address these weights from now on (same device, dtype and shape as the group's; e.g. the merged model moved
+    away and back, its weights in new storage)."""
+    g.weights = list(weights)
+    g.tables["W"].copy_(torch.tensor([w.data_ptr() for w in weights], dtype=torch.int64))
+
+
+def _launch_args(g: Group) -> tuple[tuple, dict]:
+    """Grid and constexpr kwargs of the group's merge/unmerge launches, computed once per tile configuration."""
+    if g.launch is None or g.launch[0] != g.config:
+        M, N = g.shape
+        cfg = g.config
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), len(g.weights))
+        kw = dict(NA=len(g.ranks), R=g.ranks[0], BITS=_BITS[g.weights[0].dtype], **cfg)
+        g.launch = (dict(cfg), grid, kw)
+    return g.launch[1], g.launch[2]
 
 
 def default_capacity(g: Group) -> int:
@@ -228,32 +228,51 @@ def default_capacity(g: Group) -> int:
     return max(1024, len(g.weights) * g.shape[0] * g.shape[1] // 1024)
 
 
+def shared_counts(layers_per_group: list[int], device: torch.device) -> tuple[Tensor, list[Tensor]]:
+    """One device buffer for the counts of several groups, and each group's view of it (for `build_group`):
+    `finish(groups, buffer)` then reads them all with one transfer, no concatenation launched per merge."""
+    sizes = [n + 1 for n in layers_per_group]
+    counts = torch.zeros(sum(sizes), dtype=torch.int32, device=device)
+    return counts, list(counts.split(sizes))
+
+
 def launch_merge(g: Group, capacity: int | None = None) -> None:
-    """Write W' and the corrections (no host sync); `g.counts` holds what `finish` reads."""
+    """Write W' and the corrections (no host sync); `g.counts` holds what `finish` reads.
+
+    `capacity`: overflow slots to use; the buffers grow to it and are kept. Default: `default_capacity`, or all the
+    slots the buffers already have (a list that once ran short does not run short again for the same adapters)."""
     dev, (M, N) = g.weights[0].device, g.shape
-    capacity = default_capacity(g) if capacity is None else max(1, capacity)
+    if capacity is None:
+        g.capacity = max(default_capacity(g), 0 if g.ov_layer is None else g.ov_layer.numel())
+    else:
+        g.capacity = max(1, capacity)
+    if g.ov_layer is None or g.ov_layer.numel() < g.capacity:
+        g.ov_layer = torch.empty(g.capacity, dtype=torch.int32, device=dev)
+        g.ov_index = torch.empty(g.capacity, dtype=torch.int32, device=dev)
+        g.ov_value = torch.empty(g.capacity, dtype=g.weights[0].dtype, device=dev)
+    if g.counts is None:
+        g.counts = torch.zeros(len(g.weights) + 1, dtype=torch.int32, device=dev)
+    else:
+        g.counts.zero_()  # the merge pass only adds to its counts
     g.corrections = torch.empty(len(g.weights), M * N, dtype=torch.int8, device=dev)
-    g.counts = torch.zeros(len(g.weights) + 1, dtype=torch.int32, device=dev)
-    g.ov_layer = torch.empty(capacity, dtype=torch.int32, device=dev)
-    g.ov_index = torch.empty(capacity, dtype=torch.int32, device=dev)
-    g.ov_value = torch.empty(capacity, dtype=g.weights[0].dtype, device=dev)
     grid, kw = _launch_args(g)
     t = g.tables
     _merge_kernel[grid](g.weights[0], t["W"], g.corrections, t["P"], t["Q"], t["S"], g.counts, g.ov_layer, g.ov_index,
-                        g.ov_value, capacity, M, N, *g.strides, **kw)
+                        g.ov_value, g.capacity, M, N, *g.strides, **kw)
 
 
-def finish(groups: list[Group]) -> list[tuple[list[int], int]]:
+def finish(groups: list[Group], counts: Tensor | None = None) -> list[tuple[list[int], int]]:
     """One host sync for all groups: per group (non-finite count per layer, overflow slots asked for).
 
+    `counts`: the buffer from `shared_counts` the groups count in, in order; without it their counts are gathered.
     Sets each group's `ov_total` to the entries actually stored (all of them unless the list was full)."""
-    counts = torch.cat([g.counts for g in groups]).tolist()
+    values = (counts if counts is not None else torch.cat([g.counts for g in groups])).tolist()
     out, row = [], 0
     for g in groups:
         L = len(g.weights)
-        asked = counts[row + L]
-        g.ov_total = min(asked, g.ov_layer.numel())
-        out.append((counts[row:row + L], asked))
+        asked = values[row + L]
+        g.ov_total = min(asked, g.capacity)
+        out.append((values[row:row + L], asked))
         row += L + 1
     return out
 
@@ -262,29 +281,40 @@ def restore(g: Group, out: list[Tensor] | None = None, only: int | None = None) 
     """Unmerge: write the original bits into the weights (or into `out`, leaving the weights as they are).
 
     `only`: restore just that layer of the group (into out[0]), e.g. to fingerprint a merged model's base.
-    A full restore into the weights frees the corrections and the overflow list.
+    A full restore into the weights frees the corrections (the overflow buffers are kept for the next merge).
     """
-    t = dict(g.tables)
-    first = 0
+    t, O = (g.tables, g.tables["W"]) if out is None and only is None else _partial_tables(g, out, only)
+    grid, kw = _launch_args(g)
     if only is not None:
-        first, na = only, len(g.ranks)
+        grid = (grid[0], grid[1], 1)
+    _unmerge_kernel[grid](g.weights[0], t["W"], O, g.corrections, only or 0, t["P"], t["Q"], t["S"], *g.shape,
+                          *g.strides, **kw)
+    if g.ov_total:
+        _scatter_overflow(g, O, only)
+    if out is None and only is None:
+        g.corrections = None
+        g.ov_total = 0
+
+
+def _partial_tables(g: Group, out: list[Tensor] | None, only: int | None) -> tuple[dict[str, Tensor], Tensor]:
+    """Tables and O table of a restore of one layer (`only`) and/or into other tensors (`out`)."""
+    t = dict(g.tables)
+    if only is not None:
+        na = len(g.ranks)
         t["W"] = t["W"][only:only + 1]
         t["P"], t["Q"], t["S"] = (t[k][only * na:(only + 1) * na] for k in ("P", "Q", "S"))
-    t["O"] = (torch.tensor([o.data_ptr() for o in out], dtype=torch.int64).to(g.weights[0].device)
-              if out is not None else t["W"])
-    grid, kw = _launch_args(g)
-    grid = (grid[0], grid[1], 1 if only is not None else grid[2])
-    _unmerge_kernel[grid](g.weights[0], t["W"], t["O"], g.corrections, first, t["P"], t["Q"], t["S"], *g.shape,
-                          *g.strides, **kw)
+    O = (torch.tensor([o.data_ptr() for o in out], dtype=torch.int64).to(g.weights[0].device)
+         if out is not None else t["W"])
+    return t, O
+
+
+def _scatter_overflow(g: Group, O_tab: Tensor, only: int | None) -> None:
+    """Write the overflow list's originals back (those of layer `only` alone, renumbered 0, when it is given)."""
     total = g.ov_total
+    layer, index, value = g.ov_layer, g.ov_index, g.ov_value  # the kernel reads the first `total` entries
+    if only is not None:
+        keep = layer[:total] == only
+        layer, index, value = torch.zeros_like(layer[:total][keep]), index[:total][keep], value[:total][keep]
+        total = layer.numel()
     if total:
-        layer, index, value = g.ov_layer[:total], g.ov_index[:total], g.ov_value[:total]
-        if only is not None:
-            keep = layer == only
-            layer, index, value = torch.zeros_like(layer[keep]), index[keep], value[keep]
-        if layer.numel():
-            _scatter_kernel[(triton.cdiv(layer.numel(), 1024),)](g.weights[0], t["O"], layer, index, value,
-                                                                 layer.numel(), BLOCK=1024)
-    if out is None and only is None:
-        g.corrections = g.ov_layer = g.ov_index = g.ov_value = g.counts = None
-        g.ov_total = 0
+        _scatter_kernel[(triton.cdiv(total, 1024),)](g.weights[0], O_tab, layer, index, value, total, BLOCK=1024)

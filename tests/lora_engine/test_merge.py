@@ -6,6 +6,8 @@ from hypothesis import strategies as st
 
 from lora_engine import LoRASpec, inject_lora, lora_layers, merge, merge_memory_bytes, set_blend, unmerge
 from lora_engine.functional import delta_weight
+from lora_engine.kernels import merge_triton
+from lora_engine.merge import PLAN_ATTR, _fused_key
 from tests.lora_engine.helpers import Stack, randomize_lora, tiny_gpt2
 
 TARGETS = ["h.*.attn.c_attn", "h.*.attn.c_proj", "h.*.mlp.c_fc", "h.*.mlp.c_proj", "wte"]
@@ -116,3 +118,65 @@ def test_memory_cost_is_one_byte_per_merged_weight_plus_factors():
     n_weights = model.lin.weight.numel() + model.conv.weight.numel()
     factors = sum(p.numel() * 4 for n, p in model.named_parameters() if ".lora_" in n) + 4 * 2 * 2
     assert n_weights <= merge_memory_bytes(model) <= n_weights + factors + 64
+
+
+def test_merging_again_after_a_step_or_with_new_weights_merges_the_new_values():
+    """merge, unmerge, an optimizer-style in-place step, other weights: each merge is the float64 sum of the
+    values of that moment (the PyTorch path; the fused path's kept plan: tests/lora_engine/kernels)."""
+    model = _gpt2_with_two_adapters(torch.float32)
+    snap = _snapshot(model)
+    layers = lora_layers(model)
+    eps = torch.finfo(torch.float32).eps
+    for weights, step in (({"alice": 0.6}, 0.0), ({"alice": 0.6}, 0.25), ({"alice": 0.9, "bob": -0.2}, 0.0)):
+        with torch.no_grad():
+            layers["h.0.attn.c_attn"].lora_B["alice"].add_(step)
+        merge(model, weights)
+        for path, layer in layers.items():
+            d = sum(w * layer.scaling[n] * (layer.lora_B[n].double() @ layer.lora_A[n].double())
+                    for n, w in weights.items() if n in layer.lora_A)
+            d = d if layer.layout == "out_in" else d.t()
+            want = snap[f"{path}.weight"].double() + d
+            err = ((layer.weight.double() - want).abs() / (want.abs() + d.abs().max())).max().item()
+            assert err <= 4 * eps, f"{path} after step {step} with {weights}: off by {err / eps:.1f} eps"
+        unmerge(model)
+        assert all(torch.equal(layer.weight.view(torch.int32), snap[f"{path}.weight"].view(torch.int32))
+                   for path, layer in layers.items())
+    assert PLAN_ATTR not in model.__dict__  # CPU weights: no fused plan is kept
+
+
+def test_fused_plan_key_changes_with_everything_a_kept_plan_was_built_from():
+    """merge() reuses its kept fused plan (snapshot, scales, pointer tables) only while _fused_key is equal: every
+    change that would make one of them stale must change the key, and reading it must not change it."""
+    model = _gpt2_with_two_adapters(torch.float32)
+    layers = list(lora_layers(model).values())
+    weights = {"alice": 0.6, "bob": -1.3}
+    assert _fused_key(layers, weights) == _fused_key(layers, dict(weights)) is not None
+    A, W = layers[1].lora_A["bob"], layers[3].weight
+    changes = {
+        "in-place step (version)": lambda: layers[0].lora_B["alice"].add_(1e-3),
+        "replaced factor storage (p.data = ...)": lambda: setattr(A, "data", A.detach().clone()),
+        "adapter scale": lambda: layers[2].scaling.update(alice=3.0),
+        "replaced base weight storage": lambda: setattr(W, "data", W.detach().clone()),
+        "tile configuration": lambda: merge_triton.CONFIG.update(BLOCK_M=merge_triton.CONFIG["BLOCK_M"] // 2),
+    }
+    config = dict(merge_triton.CONFIG)
+    try:
+        for what, change in changes.items():
+            before = _fused_key(layers, weights)
+            with torch.no_grad():
+                change()
+            assert _fused_key(layers, weights) != before, what
+    finally:
+        merge_triton.CONFIG.update(config)
+    key = _fused_key(layers, weights)
+    assert _fused_key(layers, {"alice": 0.6, "bob": -1.2}) != key  # a blend weight
+    assert _fused_key(layers, {"alice": 0.6}) != key  # an adapter fewer
+    set_blend(model, {"alice": 0.5})
+    blend_key = _fused_key(layers, None)
+    set_blend(model, {"alice": 0.25})
+    assert _fused_key(layers, None) != blend_key  # the active blend's weight
+    set_blend(model, {"alice": torch.tensor([1.0, 0.5])})
+    assert _fused_key(layers, None) is None  # per-row weights: not keyed (merge() refuses them)
+    assert _fused_key(layers, {"alice": torch.tensor(0.6)}) is None and _fused_key(layers, {"alice": True}) is None
+    layers[0].merged = object()
+    assert _fused_key(layers, weights) is None  # a merged layer: never reused
