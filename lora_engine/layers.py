@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .functional import (base_linear, check_rows, compute_dtype, fold_scale, lora_embedding, lora_linear,
                          lora_linear_cached, lora_linear_reference)
-from . import compiled_op
+from . import compiled_op, optimizer_steps
 from .kernels import lora_gemv_triton
 from .train_casts import cast_factors
 
@@ -114,7 +114,8 @@ class LoRALayer(nn.Module):
         d = self._buffers["blend_scale"]
         # versions catch in-place updates (optimizer steps, load_adapter); data_ptr and device catch replaced
         # storage (`.to(device)`, `p.data = ...`), which does not bump a version counter
-        key = [dtype, names, self._parameters["weight"].device, d._version, d.data_ptr()]
+        # (and the optimizer step count: fused optimizers update without bumping versions, optimizer_steps.py)
+        key = [dtype, names, self._parameters["weight"].device, d._version, d.data_ptr(), optimizer_steps.steps()]
         for n in names:
             A, B = As[n], Bs[n]
             key += (A._version, B._version, A.data_ptr(), B.data_ptr())

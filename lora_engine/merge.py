@@ -21,6 +21,7 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
+from . import optimizer_steps
 from .blend import check_weights
 from .functional import delta_weight
 from .inject import lora_layers
@@ -215,7 +216,8 @@ def _fused_key(layers: list[LoRALayer], weights: dict | None) -> tuple | None:
         items = tuple(weights.items())
         if not all(type(w) is float or type(w) is int for _, w in items):
             return None
-    key = [tuple(merge_triton.CONFIG.items()), None if weights is None else items]
+    # the optimizer step count: a fused optimizer changes factors without bumping versions (optimizer_steps.py)
+    key = [tuple(merge_triton.CONFIG.items()), None if weights is None else items, optimizer_steps.steps()]
     for layer in layers:
         if layer.merged is not None:
             return None

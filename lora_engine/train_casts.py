@@ -3,8 +3,9 @@
 Under bf16 autocast each training forward needs A and B in bf16. Cast layer by layer that is two kernel launches
 per layer and step (192 at IndexTTS2's GPT shape), and each launch costs more host time than the cast itself. The
 factors only change when the optimizer steps, so each layer keeps its copies, keyed on the parameters' version
-counters and storage; the first layer of a step to find its copies stale refreshes the stale copies of every
-layer with one multi-tensor copy (torch._foreach_copy_), and the layers after it find theirs fresh.
+counters, storage and the optimizer step count (optimizer_steps.py: fused optimizers bump no versions); the first
+layer of a step to find its copies stale refreshes the stale copies of every layer with one multi-tensor copy
+(torch._foreach_copy_), and the layers after it find theirs fresh.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from . import optimizer_steps
 
 _HOLDERS: "weakref.WeakSet" = weakref.WeakSet()  # layers holding copies (a layer that is gone drops out)
 ATTR = "_train_casts"  # on a layer: its Copies
@@ -28,8 +31,9 @@ class Copies(NamedTuple):
 
 
 def _stamp(A: Tensor, B: Tensor) -> tuple:
-    """Versions catch in-place updates (optimizer steps); data_ptr catches replaced storage (`p.data = ...`)."""
-    return A._version, B._version, A.data_ptr(), B.data_ptr()
+    """Versions catch in-place updates; data_ptr catches replaced storage (`p.data = ...`); the optimizer step count
+    catches fused optimizers, which update in place without bumping versions (optimizer_steps.py)."""
+    return A._version, B._version, A.data_ptr(), B.data_ptr(), optimizer_steps.steps()
 
 
 def _fresh(c: Copies | None, A: Tensor, B: Tensor, dtype: torch.dtype) -> bool:

@@ -144,6 +144,13 @@ def test_merging_again_after_a_step_or_with_new_weights_merges_the_new_values():
     assert PLAN_ATTR not in model.__dict__  # CPU weights: no fused plan is kept
 
 
+def _fused_adamw_step(p):
+    with torch.enable_grad():
+        p.grad = torch.ones_like(p)
+        torch.optim.AdamW([p], lr=1e-3, fused=True).step()
+        p.grad = None
+
+
 def test_fused_plan_key_changes_with_everything_a_kept_plan_was_built_from():
     """merge() reuses its kept fused plan (snapshot, scales, pointer tables) only while _fused_key is equal: every
     change that would make one of them stale must change the key, and reading it must not change it."""
@@ -158,6 +165,7 @@ def test_fused_plan_key_changes_with_everything_a_kept_plan_was_built_from():
         "adapter scale": lambda: layers[2].scaling.update(alice=3.0),
         "replaced base weight storage": lambda: setattr(W, "data", W.detach().clone()),
         "tile configuration": lambda: merge_triton.CONFIG.update(BLOCK_M=merge_triton.CONFIG["BLOCK_M"] // 2),
+        "fused optimizer step (no version bump)": lambda: _fused_adamw_step(layers[0].lora_A["alice"]),
     }
     config = dict(merge_triton.CONFIG)
     try:

@@ -2,6 +2,7 @@
 B.to(dtype), refreshed for every stale layer at once after an optimizer step, and the step equal to the uncached one."""
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -44,10 +45,11 @@ def test_kept_copies_match_fresh_casts_and_refresh_together():
     assert train_casts._fresh(e2, layers[1].lora_A["v"], layers[1].lora_B["v"], torch.bfloat16)
 
 
-def test_training_with_kept_copies_equals_casting_every_step(monkeypatch):
+@pytest.mark.parametrize("fused", [False, True])  # fused AdamW updates in place without bumping versions
+def test_training_with_kept_copies_equals_casting_every_step(monkeypatch, fused):
     x = torch.randn(6, 24)
     a, b = _model(1), _model(1)
-    opt_a, opt_b = torch.optim.AdamW(_params(a), lr=1e-2), torch.optim.AdamW(_params(b), lr=1e-2)
+    opt_a, opt_b = (torch.optim.AdamW(_params(m), lr=1e-2, fused=fused) for m in (a, b))
     losses_a = [_step(a, opt_a, x) for _ in range(4)]
     monkeypatch.setattr(train_casts, "cast_factors", lambda layer, A, B, dtype: (A.to(dtype), B.to(dtype)))
     import lora_engine.layers as layers_mod
@@ -70,3 +72,19 @@ def test_replaced_parameter_storage_is_noticed():
     cl = lora_layers(clone)["0"]
     Ac3, _ = train_casts.cast_factors(cl, cl.lora_A["v"], cl.lora_B["v"], torch.bfloat16)
     assert Ac3.data_ptr() != Ac2.data_ptr() and torch.equal(Ac3, Ac2)
+
+
+def test_no_grad_forward_after_a_fused_optimizer_step_sees_the_new_factors():
+    """The layers' inference cache (cast factors for no-grad forwards, e.g. an evaluation between training steps)
+    is rebuilt after a fused optimizer step, which changes the factors without bumping their versions."""
+    model = _model(3)
+    x = torch.randn(6, 24)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model(x)  # builds the cache
+    opt = torch.optim.AdamW(_params(model), lr=5e-2, fused=True)
+    _step(model, opt, x)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        after = model(x)
+        fresh = copy.deepcopy(model)(x)  # a copy has no cache: its factors are cast anew
+    assert not torch.equal(before, after)
+    assert torch.equal(after, fresh)
