@@ -23,10 +23,10 @@ from benchmarks.models import add_ours, add_peft, build_base, gpt_config  # noqa
 from lora_engine import lora_layers  # noqa: E402
 
 
-def gemm_form(model):
-    """The same LoRA, traced by torch.compile as the eager autograd Function (every product a cuBLAS call)."""
+def rank1_form(model):
+    """The same LoRA, traced by torch.compile with its up-projections as rank-1 terms (lora_engine/compiled_op.py)."""
     for layer in lora_layers(model).values():
-        layer.compiled_form = "gemm"
+        layer.compiled_form = "rank1"
     return model
 
 
@@ -53,7 +53,7 @@ def main() -> None:
     x = torch.randn(8, 512, cfg.n_embd, device="cuda")
     steps = {"frozen_floor": _step_fn(base, x, None, input_grad=True),
              "ours_r8": _trainer(add_ours(copy.deepcopy(base), ["a0"], 8), x),
-             "ours_r8_gemm": _trainer(gemm_form(add_ours(copy.deepcopy(base), ["a0"], 8)), x),
+             "ours_r8_rank1": _trainer(rank1_form(add_ours(copy.deepcopy(base), ["a0"], 8)), x),
              "peft_r8": _trainer(add_peft(copy.deepcopy(base), ["a0"], 8), x)}
     for name, v in steps.items():
         if name != "frozen_floor":
@@ -62,7 +62,7 @@ def main() -> None:
         elif args.compiled:
             steps[name] = _step_fn(torch.compile(base), x, None, input_grad=True)
     for name, step in steps.items():
-        if name == "ours_r8_gemm" and not args.compiled:
+        if name == "ours_r8_rank1" and not args.compiled:
             continue
         for _ in range(3):
             step()

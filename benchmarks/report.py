@@ -28,6 +28,8 @@ def markdown(res: dict) -> str:
              f"torch {res['versions'].get('torch')}, transformers {res['versions'].get('transformers')}, "
              f"peft {res['versions'].get('peft')}, triton {res['versions'].get('triton')}. "
              f"Command: `{res['command']}`", "",
+             *([f"Rows from more than one run: {'; '.join(f'{k}: {v}' for k, v in res['sources'].items())}.", ""]
+               if res.get("sources") else []),
              "| key | value | target | verdict | raw |", "|---|---|---|---|---|"]
     for key, entry in res["ratios"].items():
         v = entry.get("value")

@@ -1,18 +1,16 @@
-"""The training LoRA linear in the form torch.compile should see: skinny products as Inductor reductions.
+"""The training LoRA linear in the forms torch.compile can see, chosen per layer by `LoRALayer.compiled_form`.
 
-On the H200 host every cuBLAS call costs ~40 us of CPU (dispatch, heuristics, launch), and a compiled step is as
-much host-bound as an eager one: traced as GEMMs, LoRA's six small products per layer made the compiled step 1.9x
-the compiled frozen floor, and as opaque ops calling the eager code it was 3.1x (benchmarks/NOTES.md (13)).
-Here the products with a rank-sized dimension are written as broadcast-multiply-sum, which Inductor turns into
-fused Triton kernels (launched for a few microseconds of host time, and fused with the casts and pointwise ops
-around them):
-    forward   h = x A^T                  a reduction over `in` per row (R outputs)
-              y = base(x) + (h d) B^T    R FMAs per output element, fused into y's consumer
-    backward  u = dy B                   a reduction over `out` per row
-              dx = dy W + (u d) A        the base's own GEMM + R FMAs per element
-              dA = (u d)^T x, dB = dy^T (h d)   GEMMs (long reductions over the batch: cuBLAS does them well)
-so a LoRA layer adds two cuBLAS calls to the two of its frozen base. Used only while dynamo traces (eager runs
-functional._LoRALinearFn: there each of these expressions would materialise a [N, R, in] product).
+On the H200 host every cuBLAS call costs ~40 us of CPU (dispatch, heuristics, launch), and a compiled training step
+is as much host-bound as an eager one (benchmarks/NOTES.md (13)):
+  "gemm"   (the default) functional._LoRALinearFn traced as it is: six cuBLAS calls per layer beyond the base's two.
+           Measured 1.03x PEFT's compiled step (PEFT traces the same products).
+  "rank1"  the up-projections y += (h d) B^T and dx += (u d) A written as R rank-1 terms, a pointwise expression
+           Inductor fuses into the neighbouring kernels: four cuBLAS calls per layer beyond the base's two
+           (h = x A^T, u = dy B, dA, dB stay GEMMs). Correct and tested on CPU; its GPU time is not measured yet
+           (benchmarks/bench_train.py times both forms side by side), so it is opt-in.
+Tried and measured worse: every rank-sized product as an Inductor reduction (Inductor fused them with the GELU
+backward and recomputed it per rank: 1.17x PEFT, kernel time 3x the floor's), and the eager code as opaque
+torch.library ops (the Python of every op call came back: 1.38x PEFT).
 """
 from __future__ import annotations
 
@@ -37,7 +35,7 @@ def _add_rank_terms(base: Tensor, P: Tensor, Q: Tensor) -> Tensor:
 
 
 class _LoRALinearTracedFn(torch.autograd.Function):
-    """y = base(x) + ((x A^T) * d) B^T with a hand-written backward, for torch.compile to trace (see above)."""
+    """The "rank1" form: y = base(x) + ((x A^T) * d) B^T, the up-projections as rank-1 terms (see above)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, d, s, layout):
@@ -72,9 +70,10 @@ class _LoRALinearTracedFn(torch.autograd.Function):
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, d: Tensor, layout: str,
-                s: float | None = None, form: str = "rank1") -> Tensor:
-    """functional.lora_linear's training form while dynamo traces. form="gemm" traces the eager autograd Function
-    as it is instead (every product a cuBLAS call): kept so the benchmarks can compare the two in one process."""
+                s: float | None = None, form: str = "gemm") -> Tensor:
+    """functional.lora_linear's training form while dynamo traces, in `form` ("gemm" or "rank1", see above)."""
     if form == "gemm":
         return _LoRALinearFn.apply(x, weight, bias, A, B, d, s, layout, None)
-    return _LoRALinearTracedFn.apply(x, weight, bias, A, B, d, s, layout)
+    if form == "rank1":
+        return _LoRALinearTracedFn.apply(x, weight, bias, A, B, d, s, layout)
+    raise ValueError(f"LoRALayer.compiled_form must be 'gemm' or 'rank1', got {form!r}")

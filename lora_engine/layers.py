@@ -26,7 +26,7 @@ class LoRALayer(nn.Module):
     """Common state: adapters (A [r, in], B [out, r]), their scales, the active blend, the merge record."""
 
     layout = "out_in"  # how the base weight is stored; "in_out" for Conv1D and Embedding
-    compiled_form = "rank1"  # how torch.compile sees a training forward (compiled_op.py; "gemm" for comparisons)
+    compiled_form = "gemm"  # how torch.compile sees a training forward: "gemm" or "rank1" (compiled_op.py)
 
     def __init__(self, base: nn.Module):
         super().__init__()
@@ -226,7 +226,7 @@ def _adapted(layer: LoRALayer, x: Tensor) -> Tensor:
     if torch.compiler.is_compiling():  # plain module attributes for dynamo
         A, B = layer.stacked(list(layer.blend))
         if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad):
-            check_rows(x, d)  # training: skinny products as fused reductions (compiled_op.py)
+            check_rows(x, d)  # training: the form compiled_op.py gives dynamo
             return compiled_op.lora_linear(x, layer.weight, layer.bias, A, B, d, layer.layout, layer.uniform_scale,
                                            layer.compiled_form)
         return lora_linear(x, layer.weight, layer.bias, A, B, d, layer.layout, layer.uniform_scale)

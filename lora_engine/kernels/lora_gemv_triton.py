@@ -50,7 +50,7 @@ TUNED: dict[tuple[int, int], dict] = {
     (1280, 3840): {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT": 1, "num_warps": 4, "num_stages": 4},
     (1280, 1280): {"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT": 2, "num_warps": 4, "num_stages": 4},
     (1280, 5120): {"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT": 2, "num_warps": 4, "num_stages": 4},
-    (5120, 1280): {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT": 2, "num_warps": 4, "num_stages": 4}}
+    (5120, 1280): {"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT": 8, "num_warps": 4, "num_stages": 4}}
 _launches: dict[tuple, tuple] = {}  # shapes, dtypes, layout -> (grid, constexpr kwargs): checked and built once
 
 

@@ -1,8 +1,10 @@
 """The LoRA layers trace into one torch.compile graph: no graph break per layer (each one cost a 2.6x slower
 compiled training step on the GPU, benchmarks/NOTES.md (12))."""
+import pytest
 import torch
 
 from lora_engine import functional as Fn
+from lora_engine import lora_layers
 from tests.lora_engine.helpers import frozen_mlp_with_lora
 
 
@@ -35,10 +37,13 @@ def test_autocast_availability_is_asked_once_per_device_type(monkeypatch):
     assert calls == ["cpu"]
 
 
-def test_compiled_training_fuses_the_up_projections_and_matches_eager_gradients():
-    """Under torch.compile the LoRA up-projections of a training layer (y += h B^T, dx += u A) are rank-1 terms
-    fused by Inductor, not GEMMs (compiled_op.py); the compiled loss and LoRA gradients agree with the eager fast
-    path's to bf16 rounding."""
+@pytest.mark.parametrize("form, gemms", [("gemm", 2 * 8 - 2), ("rank1", 2 * 5 + 1)])
+def test_compiled_training_forms_trace_their_gemms_and_match_eager_gradients(form, gemms):
+    """Both forms torch.compile can see (compiled_op.py) trace into one forward and one backward graph with the
+    cuBLAS calls their design says, and the compiled loss and LoRA gradients agree with the eager fast path's to
+    bf16 rounding. Per layer: "gemm" runs base, h, y += h B^T forward and u, dx, dx += u A, dA, dB backward;
+    "rank1" fuses the two up-projections into pointwise terms and runs dx as one GEMM. The first layer's input
+    needs no gradient (no dx: two GEMMs fewer in "gemm", one in "rank1")."""
     import copy
 
     from torch._dynamo.backends.common import aot_autograd
@@ -49,6 +54,8 @@ def test_compiled_training_fuses_the_up_projections_and_matches_eager_gradients(
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)  # B = 0 would make every A gradient zero
     compiled_model = copy.deepcopy(eager)
+    for layer in lora_layers(compiled_model).values():
+        layer.compiled_form = form
     x = torch.randn(3, 16)
     graphs = []
 
@@ -63,11 +70,9 @@ def test_compiled_training_fuses_the_up_projections_and_matches_eager_gradients(
     got = torch.compile(lambda x: step(compiled_model, x), backend=aot_autograd(fw_compiler=record,
                                                                                bw_compiler=record))(x)
     got.backward()
-    gemms = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
-    count = sum(n.target in gemms for g in graphs for n in g.graph.nodes)
-    # two layers x (base forward, h = x A^T, u = dy B, dA, dB) + the second layer's dx (the input of the first
-    # needs no gradient); traced as GEMMs the up-projections would add 3 more
-    assert len(graphs) == 2 and count == 2 * 5 + 1, [str(n.target) for g in graphs for n in g.graph.nodes]
+    ops = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+    count = sum(n.target in ops for g in graphs for n in g.graph.nodes)
+    assert len(graphs) == 2 and count == gemms, [str(n.target) for g in graphs for n in g.graph.nodes]
     for p in compiled_model.parameters():
         p.grad = None
     torch._dynamo.reset()
@@ -81,3 +86,11 @@ def test_compiled_training_fuses_the_up_projections_and_matches_eager_gradients(
     assert len(grads) == 4 and all(g is not None and g.abs().max() > 0 for _, g, _ in grads)
     for name, g_eager, g_compiled in grads:
         assert torch.allclose(g_eager, g_compiled, rtol=2e-2, atol=2e-2 * g_eager.abs().max()), name
+
+
+def test_an_unknown_compiled_form_is_refused():
+    from lora_engine import compiled_op
+
+    x, w, A, B = torch.randn(3, 4), torch.randn(5, 4), torch.randn(2, 4, requires_grad=True), torch.randn(5, 2)
+    with pytest.raises(ValueError, match="compiled_form must be 'gemm' or 'rank1'"):
+        compiled_op.lora_linear(x, w, None, A, B, torch.ones(2), "out_in", 1.0, form="fast")
