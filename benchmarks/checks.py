@@ -2,9 +2,14 @@
 reference path: forward and gradients, one and several adapters, per-row mixes, merge/unmerge bits."""
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from lora_engine import functional as Fn
+from lora_engine import lora_layers
+
+from .models import add_ours, build_base, gpt_config, lora_parameters
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -41,6 +46,42 @@ def check_linear(dev: str, layout: str, n_adapters: int, per_row: bool, dtype: t
     return f"{layout} n={n_adapters} per_row={per_row} {dtype}: max rel err {max(errs):.1e}"
 
 
+def check_training_steps(dev: str, steps: int = 6) -> str:
+    """After several steps of the training loop's optimizer (fused AdamW), the fast path's forward (the training form
+    and the no-grad form) equals the plain reference path's with the same parameters: its kept casts and caches
+    followed every step (a fused optimizer bumps no version counters: lora_engine/optimizer_steps.py)."""
+    fast = add_ours(build_base(gpt_config(tiny=True), dev, torch.float32), ["a0"], 8)
+    ref = copy.deepcopy(fast)
+    for layer in lora_layers(ref).values():
+        layer.use_reference = lambda: True  # plain autograd: nothing kept between steps
+    x = torch.randn(2, 24, fast.config.n_embd, device=dev)
+
+    def forward(model, grad: bool) -> torch.Tensor:
+        with torch.set_grad_enabled(grad), torch.autocast(dev, dtype=torch.bfloat16):
+            return model(inputs_embeds=x, use_cache=False).last_hidden_state.float().detach()
+    before = forward(ref, True)
+    opt = torch.optim.AdamW(lora_parameters(fast), lr=2e-2, fused=True)
+    for _ in range(steps):
+        forward(fast, False)  # an evaluation between steps builds the no-grad cache too
+        with torch.autocast(dev, dtype=torch.bfloat16):
+            loss = fast(inputs_embeds=x, use_cache=False).last_hidden_state.float().square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for p, q in zip(lora_parameters(ref), lora_parameters(fast)):
+            p.copy_(q)
+    want = forward(ref, True)
+    moved = _rel(want, before)
+    errs = {"training form": _rel(forward(fast, True), want), "no-grad form": _rel(forward(fast, False), want)}
+    tol = 2e-2  # bf16 rounding through two blocks (~4e-3 on CPU); stale factors were 0.3 off (moved 0.3-0.7)
+    assert moved > 10 * tol, f"{steps} steps moved the output by only {moved:.1e}: the check would not see stale factors"
+    assert max(errs.values()) < tol, (f"after {steps} fused-AdamW steps the fast path != reference: {errs} "
+                                      f"(moved {moved:.1e})")
+    return (f"{steps} fused-AdamW steps, fast path vs reference with the same parameters: rel err "
+            f"{', '.join(f'{k} {v:.1e}' for k, v in errs.items())} (the steps moved the output {moved:.1e})")
+
+
 def run(res: dict, args) -> None:
     dev = args.device
     lines = []
@@ -49,6 +90,7 @@ def run(res: dict, args) -> None:
             for per_row in (False, True):
                 for dtype in (torch.float32, torch.bfloat16):
                     lines.append(check_linear(dev, layout, n, per_row, dtype))
+    lines.append(check_training_steps(dev))
     lines += _check_kernels(dev)
     res["checks"] = lines
     print("\n".join(lines))
