@@ -207,9 +207,10 @@ def _fused_key(layers: list[LoRALayer], weights: dict | None) -> tuple | None:
     Per adapter of its mix: name, weight and scale (the S table), and each factor's id, version counter (bumped by
     an in-place write such as an optimizer step or load_adapter's copy_) and data pointer (changed by
     `p.data = ...`). The plan holds every tensor and storage it read (its groups the weights', `held` the
-    factors'), so no other tensor can take their ids or pointers while it lives. Not seen, as in
-    layers.inference_factors and train_casts: writes that bypass the version counter (`p.data.add_`,
-    torch._fused_adamw_ as of torch 2.13, a kernel writing through a raw pointer).
+    factors'), so no other tensor can take their ids or pointers while it lives. Fused optimizers, which bump no
+    version counter, move the optimizer step count (optimizer_steps.py), also in the key. Not seen, as in
+    layers.inference_factors and train_casts: other writes that bypass the version counter (`p.data.add_` outside an
+    optimizer step, a kernel writing through a raw pointer).
     None: a weight that is not a plain float/int (e.g. a per-row tensor): merge() plans afresh and says why.
     """
     if weights is not None:
