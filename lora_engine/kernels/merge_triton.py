@@ -12,6 +12,15 @@ pass each way, about 5 bytes per element:
 The host reads the counts once after the merge pass: a non-finite element means unmerge (bit-exact, the unwritten
 elements untouched) and refuse; a full overflow list (rare) means unmerge and redo with an exact-size list.
 
+CONFIG["TWO_PASS"] (opt-in until measured) splits the merge in two, because the per-tile counts, atomic and prefix
+sums of the one-pass kernel run in nearly every tile (about one element in 2,000 overflows int8):
+  stream   (read W, write W, c)  the merge pass without reductions, atomics or scans: W' and c where c fits int8
+                                 and W' is finite, every other element left unwritten and marked -128;
+  compact  (read c)              per block of c, one reduction; a block with marked elements reserves their slots
+                                 with one atomic, lists them, and settles each from its original W: W' recomputed
+                                 (the same FMA sequence as the stream pass), written if finite (its original in the
+                                 list, c stays -128), counted if not. Unmerge, counts and host logic are unchanged.
+
 delta = sum_a s_a B_a A_a is recomputed in every pass from a snapshot of the factors as R rank-1 fp32 FMA updates
 per element in a fixed order (`_delta`): the same operations whatever the tile shape, so `back` is bit-identical
 between merge and unmerge, and 8-64 FMAs per element keep the passes memory-bound.
@@ -31,7 +40,11 @@ except ImportError:  # the CPU wheel has no triton: merge.py uses its PyTorch pa
 
 # Tile configuration (benchmarks/tune_merge.py sweeps it on the GPU). A Group keeps the one it was merged with:
 # unmerge must recompute delta with exactly the same code to be bit-exact.
-CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}  # best of tune_merge.py on an H200
+# TWO_PASS: merge with `_merge_stream_kernel` + `_compact_kernel` (COMPACT_BLOCK elements of c per program).
+CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1,  # best of tune_merge.py on an H200
+          "TWO_PASS": False, "COMPACT_BLOCK": 4096}
+_TILE_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")  # what the tile kernels take of CONFIG
+_CHUNK = 32  # marked elements `_compact_kernel` settles at a time (a block has a few; the list is read back)
 UNCHANGED = -128  # correction value of an element the merge pass did not write
 _BITS = {torch.bfloat16: 16, torch.float16: 16, torch.float32: 32}
 
@@ -49,21 +62,30 @@ if triton is not None:
     @triton.jit
     def _delta(P_tab, Q_tab, S_tab, layer, offs_m, offs_n, M, N, NA: tl.constexpr, R: tl.constexpr,
                spm, spr, sqr, sqn):
-        """fp32 tile of sum_a s_a P_a Q_a; P_a [M, R], Q_a [R, N] addressed by strides (both layouts).
+        """fp32 tile of sum_a s_a P_a Q_a over rows offs_m and columns offs_n (`_delta_at` on their outer product)."""
+        return _delta_at(P_tab, Q_tab, S_tab, layer, offs_m[:, None], offs_n[None, :], (offs_m < M)[:, None],
+                         (offs_n < N)[None, :], NA, R, spm, spr, sqr, sqn)
 
-        Rank-1 updates in a fixed order, one fp32 FMA per rank and element: every element's delta is the same
-        sequence of operations whatever the tile shape, so merge and unmerge agree bit for bit (and R of 8 to 64
-        costs 8 to 64 FMAs per element: no tensor-core tile, no layout shuffles)."""
-        acc = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=tl.float32)
-        m_ok, n_ok = offs_m < M, offs_n < N
+    @triton.jit
+    def _delta_at(P_tab, Q_tab, S_tab, layer, rows, cols, row_ok, col_ok, NA: tl.constexpr, R: tl.constexpr,
+                  spm, spr, sqr, sqn):
+        """delta at elements (rows, cols), broadcast together: a tile ([BM, 1] and [1, BN]) or scattered elements
+        (two [K]). P_a [M, R], Q_a [R, N] addressed by strides (both layouts).
+
+        Rank-1 updates in a fixed order, one fp32 FMA per rank and element (acc from +0.0; per adapter, per rank:
+        p = P * s, then acc += p * q): every element's delta is the same sequence of operations whatever the tile
+        shape or pass, so merge and unmerge, and the two merge modes, agree bit for bit (and R of 8 to 64 costs 8 to
+        64 FMAs per element: no tensor-core tile, no layout shuffles)."""
+        shape, _ = tl.broadcast(rows, cols)  # only for acc's shape: P and Q are loaded at their own shapes (a tile
+        acc = tl.zeros(shape.shape, dtype=tl.float32)  # loads BM + BN factor values per rank, not BM * BN)
         for a in tl.static_range(NA):
             p_ptr = tl.load(P_tab + layer * NA + a).to(tl.pointer_type(tl.float32))
             q_ptr = tl.load(Q_tab + layer * NA + a).to(tl.pointer_type(tl.float32))
             s = tl.load(S_tab + layer * NA + a).to(tl.float32)
             for r in range(R):
-                p = tl.load(p_ptr + offs_m * spm + r * spr, mask=m_ok, other=0.0) * s
-                q = tl.load(q_ptr + r * sqr + offs_n * sqn, mask=n_ok, other=0.0)
-                acc += p[:, None] * q[None, :]
+                p = tl.load(p_ptr + rows * spm + r * spr, mask=row_ok, other=0.0) * s
+                q = tl.load(q_ptr + r * sqr + cols * sqn, mask=col_ok, other=0.0)
+                acc += p * q
         return acc
 
     @triton.jit
@@ -75,6 +97,15 @@ if triton is not None:
         return out
 
     @triton.jit
+    def _merged(w, delta, BITS: tl.constexpr):
+        """W' = rnd(W + delta), the correction bits(W) - bits(rnd(W' - delta)) (not yet checked against int8), and
+        whether W' is NaN or +-inf (such an element is never written)."""
+        new = (w.to(tl.float32) + delta).to(w.dtype)
+        back = (new.to(tl.float32) - delta).to(w.dtype)
+        newf = new.to(tl.float32)
+        return new, _bits(w, BITS) - _bits(back, BITS), (newf - newf) != 0.0
+
+    @triton.jit
     def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """This program's rows, columns, in-bounds mask and flat element offsets of a row-major [M, N] weight."""
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -83,21 +114,27 @@ if triton is not None:
         return offs_m, offs_n, mask, offs_m[:, None] * N + offs_n[None, :]  # int32: build_group checks M * N
 
     @triton.jit
-    def _merge_kernel(W0, W_tab, C0, P_tab, Q_tab, S_tab, counts, ov_layer, ov_index, ov_value, capacity,
-                      M, N, spm, spr, sqr, sqn, NA: tl.constexpr, R: tl.constexpr,
-                      BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """counts: [layers] non-finite W' per layer, then [1] the overflow slots asked for (the cursor)."""
-        tl.static_assert(BLOCK_M * BLOCK_N < 65536, "the two counts share one int32 reduction")
+    def _merge_tile(W0, W_tab, P_tab, Q_tab, S_tab, M, N, spm, spr, sqr, sqn, NA: tl.constexpr, R: tl.constexpr,
+                    BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """This program's tile of a merge: (layer, flat offsets, in-bounds mask, the weight's pointer, W, W', the
+        correction before the int8 check, W' non-finite), shared by both merge modes."""
         layer = tl.program_id(2)
         offs_m, offs_n, mask, flat = _tile(M, N, BLOCK_M, BLOCK_N)
         w_ptr = tl.load(W_tab + layer).to(W0.dtype)
         w = tl.load(w_ptr + flat, mask=mask, other=0.0)
         delta = _delta(P_tab, Q_tab, S_tab, layer, offs_m, offs_n, M, N, NA, R, spm, spr, sqr, sqn)
-        new = (w.to(tl.float32) + delta).to(w.dtype)
-        back = (new.to(tl.float32) - delta).to(w.dtype)
-        diff = _bits(w, BITS) - _bits(back, BITS)
-        newf = new.to(tl.float32)
-        keep = mask & ((newf - newf) != 0.0)  # NaN or +-inf: leave W as it is
+        new, diff, bad = _merged(w, delta, BITS)
+        return layer, flat, mask, w_ptr, w, new, diff, bad
+
+    @triton.jit
+    def _merge_kernel(W0, W_tab, C0, P_tab, Q_tab, S_tab, counts, ov_layer, ov_index, ov_value, capacity,
+                      M, N, spm, spr, sqr, sqn, NA: tl.constexpr, R: tl.constexpr,
+                      BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """counts: [layers] non-finite W' per layer, then [1] the overflow slots asked for (the cursor)."""
+        tl.static_assert(BLOCK_M * BLOCK_N < 65536, "the two counts share one int32 reduction")
+        layer, flat, mask, w_ptr, w, new, diff, bad = _merge_tile(W0, W_tab, P_tab, Q_tab, S_tab, M, N, spm, spr, sqr,
+                                                                  sqn, NA, R, BITS, BLOCK_M, BLOCK_N)
+        keep = mask & bad  # NaN or +-inf: leave W as it is
         over = mask & ~keep & ((diff > 127) | (diff < -127))
         o = over.to(tl.int32)
         both = tl.sum(tl.sum(keep.to(tl.int32) * 65536 + o, 1), 0)  # one reduction for two counts (< 65536 each)
@@ -116,6 +153,71 @@ if triton is not None:
         c = tl.where(keep, -128, tl.where(over, 0, diff))  # -128: UNCHANGED
         tl.store(w_ptr + flat, new, mask=mask & ~keep)
         tl.store(C0 + layer.to(tl.int64) * M * N + flat, c.to(tl.int8), mask=mask)
+
+    @triton.jit
+    def _merge_stream_kernel(W0, W_tab, C0, P_tab, Q_tab, S_tab, M, N, spm, spr, sqr, sqn, NA: tl.constexpr,
+                             R: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """TWO_PASS, pass 1: `_merge_kernel` without its counts, atomics and prefix sums. An element whose W' is not
+        finite or whose correction does not fit int8 is left unwritten and marked UNCHANGED; `_compact_kernel`
+        settles it."""
+        layer, flat, mask, w_ptr, w, new, diff, bad = _merge_tile(W0, W_tab, P_tab, Q_tab, S_tab, M, N, spm, spr, sqr,
+                                                                  sqn, NA, R, BITS, BLOCK_M, BLOCK_N)
+        done = ~bad & (diff <= 127) & (diff >= -127)
+        tl.store(w_ptr + flat, new, mask=mask & done)
+        tl.store(C0 + layer.to(tl.int64) * M * N + flat, tl.where(done, diff, -128).to(tl.int8), mask=mask)
+
+    @triton.jit
+    def _compact_kernel(W0, W_tab, C0, P_tab, Q_tab, S_tab, counts, ov_layer, ov_index, ov_value, capacity,
+                        M, N, spm, spr, sqr, sqn, NA: tl.constexpr, R: tl.constexpr, BITS: tl.constexpr,
+                        BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+        """TWO_PASS, pass 2, over BLOCK corrections of one layer: settle the elements the stream pass marked.
+
+        A block without marks costs one int8 load and one reduction. Otherwise one atomic reserves the block's run of
+        overflow slots and a prefix sum places the marked flat indices in it; they are read back CHUNK at a time and
+        settled, so delta is recomputed for the marked elements only. counts: as `_merge_kernel`'s (the slots asked
+        for count every marked element; a non-finite one, listed with its unchanged original, only occurs in a merge
+        that is refused)."""
+        layer = tl.program_id(1)
+        flat = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        c = tl.load(C0 + layer.to(tl.int64) * M * N + flat, mask=flat < M * N, other=0)
+        marked = (c == -128).to(tl.int32)
+        n = tl.sum(marked, 0)
+        if n > 0:
+            start = tl.atomic_add(counts + tl.num_programs(1), n)
+            pos = start + tl.cumsum(marked, 0) - 1
+            if start + n <= capacity:
+                tl.store(ov_index + pos, flat, mask=marked != 0)
+                tl.debug_barrier()  # the entries just listed are read back by other threads of this program
+                for k in range(start, start + n, CHUNK):
+                    slot = k + tl.arange(0, CHUNK)
+                    ok = slot < start + n
+                    idx = tl.load(ov_index + slot, mask=ok, other=0, volatile=True)
+                    _settle(W0, W_tab, P_tab, Q_tab, S_tab, counts, ov_layer, ov_index, ov_value, capacity, layer,
+                            idx, ok, slot, N, spm, spr, sqr, sqn, NA, R, BITS)
+            else:  # the list runs out of slots in this block (rare): settle the whole block in place
+                _settle(W0, W_tab, P_tab, Q_tab, S_tab, counts, ov_layer, ov_index, ov_value, capacity, layer,
+                        flat, marked != 0, pos, N, spm, spr, sqr, sqn, NA, R, BITS)
+
+    @triton.jit
+    def _settle(W0, W_tab, P_tab, Q_tab, S_tab, counts, ov_layer, ov_index, ov_value, capacity, layer, flat, marked,
+                slot, N, spm, spr, sqr, sqn, NA: tl.constexpr, R: tl.constexpr, BITS: tl.constexpr):
+        """Merge the marked elements `flat` (1-D) from their originals, still in W: W' by `_merged` from the same delta
+        as the stream pass. With a slot: the original goes to the list and a finite W' into W (c stays UNCHANGED:
+        unmerge leaves W' there, the scatter writes the original). A non-finite W' is counted and never written; an
+        element without a slot (list full) is left as it is, unlisted: the host redoes the group."""
+        w_ptr = tl.load(W_tab + layer).to(W0.dtype)
+        w = tl.load(w_ptr + flat, mask=marked, other=0.0)
+        delta = _delta_at(P_tab, Q_tab, S_tab, layer, flat // N, flat % N, marked, marked, NA, R, spm, spr, sqr, sqn)
+        new, _, bad = _merged(w, delta, BITS)
+        bad = marked & bad
+        n_bad = tl.sum(bad.to(tl.int32), 0)
+        if n_bad > 0:
+            tl.atomic_add(counts + layer, n_bad)
+        listed = marked & (slot < capacity)  # every slot reserved below capacity gets its entry: no holes
+        tl.store(ov_index + slot, flat, mask=listed)
+        tl.store(ov_value + slot, w, mask=listed)
+        tl.store(ov_layer + slot, layer + tl.zeros_like(slot), mask=listed)
+        tl.store(w_ptr + flat, new, mask=listed & ~bad)
 
     @triton.jit
     def _unmerge_kernel(W0, W_tab, O_tab, C0, c_layer0, P_tab, Q_tab, S_tab, M, N, spm, spr, sqr, sqn, NA: tl.constexpr,
@@ -218,8 +320,11 @@ def _launch_args(g: Group) -> tuple[tuple, dict]:
         M, N = g.shape
         cfg = g.config
         grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), len(g.weights))
-        kw = dict(NA=len(g.ranks), R=g.ranks[0], BITS=_BITS[g.weights[0].dtype], **cfg)
-        g.launch = (dict(cfg), grid, kw)
+        kw = dict(NA=len(g.ranks), R=g.ranks[0], BITS=_BITS[g.weights[0].dtype], **{k: cfg[k] for k in _TILE_KEYS})
+        block = cfg.get("COMPACT_BLOCK", CONFIG["COMPACT_BLOCK"])
+        compact = ((triton.cdiv(M * N, block), len(g.weights)),
+                   dict(NA=kw["NA"], R=kw["R"], BITS=kw["BITS"], BLOCK=block, CHUNK=_CHUNK, num_warps=cfg["num_warps"]))
+        g.launch = (dict(cfg), grid, kw, compact)
     return g.launch[1], g.launch[2]
 
 
@@ -237,7 +342,8 @@ def shared_counts(layers_per_group: list[int], device: torch.device) -> tuple[Te
 
 
 def launch_merge(g: Group, capacity: int | None = None) -> None:
-    """Write W' and the corrections (no host sync); `g.counts` holds what `finish` reads.
+    """Write W' and the corrections (no host sync); `g.counts` holds what `finish` reads. One launch, or two with
+    the group's config["TWO_PASS"].
 
     `capacity`: overflow slots to use; the buffers grow to it and are kept. Default: `default_capacity`, or all the
     slots the buffers already have (a list that once ran short does not run short again for the same adapters)."""
@@ -257,8 +363,14 @@ def launch_merge(g: Group, capacity: int | None = None) -> None:
     g.corrections = torch.empty(len(g.weights), M * N, dtype=torch.int8, device=dev)
     grid, kw = _launch_args(g)
     t = g.tables
-    _merge_kernel[grid](g.weights[0], t["W"], g.corrections, t["P"], t["Q"], t["S"], g.counts, g.ov_layer, g.ov_index,
-                        g.ov_value, g.capacity, M, N, *g.strides, **kw)
+    if not g.config.get("TWO_PASS", False):
+        _merge_kernel[grid](g.weights[0], t["W"], g.corrections, t["P"], t["Q"], t["S"], g.counts, g.ov_layer,
+                            g.ov_index, g.ov_value, g.capacity, M, N, *g.strides, **kw)
+        return
+    _merge_stream_kernel[grid](g.weights[0], t["W"], g.corrections, t["P"], t["Q"], t["S"], M, N, *g.strides, **kw)
+    cgrid, ckw = g.launch[3]
+    _compact_kernel[cgrid](g.weights[0], t["W"], g.corrections, t["P"], t["Q"], t["S"], g.counts, g.ov_layer,
+                           g.ov_index, g.ov_value, g.capacity, M, N, *g.strides, **ckw)
 
 
 def finish(groups: list[Group], counts: Tensor | None = None) -> list[tuple[list[int], int]]:

@@ -6,11 +6,14 @@ path's forward/gradients against float64.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 from lora_engine import LoRASpec, inject_lora, lora_layers, merge, unmerge
 from lora_engine import functional as Fn
+from lora_engine.kernels import merge_triton
 from lora_engine.merge import FusedMergeRecord, base_weight
 
 
@@ -39,12 +42,38 @@ def _model(dtype: torch.dtype, n_adapters: int, rank: int = 8) -> nn.Module:
     return model
 
 
-def check_merge(dtype: torch.dtype, n_adapters: int) -> str:
+@contextlib.contextmanager
+def _merge_mode(two_pass: bool):
+    """merge_triton.CONFIG["TWO_PASS"] = two_pass inside the block, as it was after it."""
+    saved = merge_triton.CONFIG["TWO_PASS"]
+    merge_triton.CONFIG["TWO_PASS"] = two_pass
+    try:
+        yield
+    finally:
+        merge_triton.CONFIG["TWO_PASS"] = saved
+
+
+def check_merge(dtype: torch.dtype, n_adapters: int, two_pass: bool = False) -> str:
+    """The fused merge in one mode (CONFIG["TWO_PASS"]): within 4 eps of the PyTorch merge, the same W' bit for bit as
+    the other mode, exact base_weight, 50 exact cycles, a NaN adapter refused with nothing written."""
+    with _merge_mode(two_pass):
+        return _check_merge(dtype, n_adapters, two_pass)
+
+
+def _check_merge(dtype: torch.dtype, n_adapters: int, two_pass: bool) -> str:
     model = _model(dtype, n_adapters)
     layers = lora_layers(model)
     original = {p: l.weight.detach().clone() for p, l in layers.items()}
     mix = {f"a{i}": 0.7 - 0.3 * i for i in range(n_adapters)}
+    with _merge_mode(not two_pass):  # the other mode's W', compared bit for bit below
+        merge(model, mix)
+        other = {p: l.weight.detach().clone() for p, l in layers.items()}
+        unmerge(model)
+    assert all(torch.equal(l.weight.detach(), original[p]) for p, l in layers.items()), "other mode: unmerge"
     merge(model, mix)
+    differ = sum(int((l.weight.detach().view(torch.uint8) != other[p].view(torch.uint8)).sum())
+                 for p, l in layers.items())
+    assert differ == 0, f"two-pass and one-pass merges differ in {differ} bytes (pass 2's delta is not pass 1's)"
     recs = {p: l.merged for p, l in layers.items()}
     assert all(isinstance(r, FusedMergeRecord) for r in recs.values()), "fused path not taken"
     overflow = sum(r.group.ov_total for r in {id(r.group): r for r in recs.values()}.values())
@@ -71,8 +100,9 @@ def check_merge(dtype: torch.dtype, n_adapters: int) -> str:
     except ValueError:
         pass
     assert all(torch.equal(l.weight.detach(), original[p]) for p, l in layers.items()), "refusal wrote weights"
-    return (f"fused merge {dtype} x{n_adapters}: exact restore after 50 cycles, overflow entries {overflow}, "
-            f"max diff vs torch merge {worst:.2f} eps, NaN refused untouched")
+    mode = "two-pass" if two_pass else "one-pass"
+    return (f"fused merge ({mode}) {dtype} x{n_adapters}: exact restore after 50 cycles, overflow entries {overflow}, "
+            f"max diff vs torch merge {worst:.2f} eps, same W' as the other mode, NaN refused untouched")
 
 
 def check_training_path(dtype: torch.dtype) -> str:
@@ -163,7 +193,8 @@ def run_all() -> list[str]:
     lines = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for n in (1, 4):
-            lines.append(check_merge(dtype, n))
+            for two_pass in (False, True):
+                lines.append(check_merge(dtype, n, two_pass))
         lines.append(check_training_path(dtype))
     for layout in ("in_out", "out_in"):
         for n in (1, 4):

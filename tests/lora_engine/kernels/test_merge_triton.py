@@ -1,9 +1,10 @@
 """The fused merge/unmerge kernels, run on CPU through Triton's interpreter (TRITON_INTERPRET=1).
 
 The interpreter executes the same kernel source with numpy, so CI (no GPU) proves the arithmetic and the
-bookkeeping: the check pass counts, bit-exact restore (overflow list included), per-layer restore into a
-separate buffer, both weight layouts, 16- and 32-bit dtypes. The GPU run (`benchmarks/run_all.py --check`) proves
-the compiled kernels with lora_engine.kernels.selfcheck.
+bookkeeping: the merge pass counts, bit-exact restore (overflow list included), per-layer restore into a
+separate buffer, both weight layouts, 16- and 32-bit dtypes, in both merge modes (one pass, or CONFIG["TWO_PASS"]:
+a stream pass and a compaction pass, which must write the same W' bit for bit). The GPU run
+(`benchmarks/run_all.py --check`) proves the compiled kernels with lora_engine.kernels.selfcheck.
 """
 import os
 import subprocess
@@ -15,12 +16,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[3]
 
 SCRIPT = r'''
+import sys
 import torch
 from lora_engine.kernels import merge_triton as mt
 assert mt.triton is not None, "triton is not importable"
-torch.manual_seed(int(__import__("sys").argv[1]))
-dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[__import__("sys").argv[2]]
-layout = __import__("sys").argv[3]
+torch.manual_seed(int(sys.argv[1]))
+dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[sys.argv[2]]
+layout = sys.argv[3]
+two_pass = sys.argv[4] == "two"
+# COMPACT_BLOCK 1024: several blocks of corrections per layer, the last one partial
+mt.CONFIG.update(TWO_PASS=two_pass, COMPACT_BLOCK=1024)
 M, N, R, L, NA = 40, 70, 4, 3, 2
 Ws = [(torch.randn(M, N) * 0.02).to(dtype) for _ in range(L)]
 for W in Ws:
@@ -45,12 +50,28 @@ for l in range(L):
     want = (orig[l].float() + delta).to(dtype).float()
     err = ((Ws[l].float() - want).abs() / (want.abs() + delta.abs().max())).max().item()
     assert err <= 4 * eps, f"merged layer {l} off by {err / eps:.2f} eps"
-g.config = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)  # delta does not depend on the tiles
+# the other mode writes the same W' bit for bit: pass 2 recomputes delta with the stream pass's operations
+others = [o.clone() for o in orig]
+g1 = mt.build_group(others, layout, fac)
+g1.config["TWO_PASS"] = not two_pass
+mt.launch_merge(g1, capacity=asked)
+assert mt.finish([g1]) == [([0] * L, asked)]
+assert all(torch.equal(w.view(torch.uint8), o.view(torch.uint8)) for w, o in zip(Ws, others)), "modes differ"
+mt.restore(g1)
+assert all(torch.equal(w.view(torch.uint8), o.view(torch.uint8)) for w, o in zip(others, orig)), "other mode"
+g.config = dict(mt.CONFIG, BLOCK_M=16, BLOCK_N=32)  # delta does not depend on the tiles
 out = [torch.empty_like(Ws[1])]
 mt.restore(g, out=out, only=1)
 assert torch.equal(out[0], orig[1]) and not torch.equal(Ws[1], orig[1]), "per-layer restore"
 mt.restore(g)
 assert all(torch.equal(w.view(torch.uint8), o.view(torch.uint8)) for w, o in zip(Ws, orig)), "restore not bit-exact"
+for cycle in range(3):  # cycles with the kept buffers: merge on the configured tiles or 16x32, restore on 16x32
+    g.config = dict(mt.CONFIG, BLOCK_M=16, BLOCK_N=32) if cycle % 2 else dict(mt.CONFIG)
+    mt.launch_merge(g)
+    assert mt.finish([g]) == [([0] * L, asked)] and g.ov_total == asked
+    g.config = dict(mt.CONFIG, BLOCK_M=16, BLOCK_N=32)
+    mt.restore(g)
+    assert all(torch.equal(w.view(torch.uint8), o.view(torch.uint8)) for w, o in zip(Ws, orig)), f"cycle {cycle}"
 bad = [[(A, B.clone().fill_(float("nan")) if l == 1 else B, s) for A, B, s in per] for l, per in enumerate(fac)]
 g2 = mt.build_group(Ws, layout, bad)
 mt.launch_merge(g2)
@@ -63,12 +84,13 @@ print("ok")
 '''
 
 
+@pytest.mark.parametrize("mode", ["one", "two"])  # CONFIG["TWO_PASS"]
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])
-def test_fused_merge_kernels_exact_in_triton_interpreter(dtype, layout):
+def test_fused_merge_kernels_exact_in_triton_interpreter(dtype, layout, mode):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    p = subprocess.run([sys.executable, "-c", SCRIPT, "3", dtype, layout], env=env, capture_output=True, text=True,
-                       timeout=600)
+    p = subprocess.run([sys.executable, "-c", SCRIPT, "3", dtype, layout, mode], env=env, capture_output=True,
+                       text=True, timeout=600)
     assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]
 
 
@@ -82,6 +104,7 @@ from lora_engine import LoRASpec, inject_lora, lora_layers, merge, set_blend, un
 from lora_engine.kernels import merge_triton as mt
 mm = sys.modules["lora_engine.merge"]
 mt.available = lambda weights, factors: True  # CPU tensors stand in for CUDA ones: the interpreter runs the kernels
+mt.CONFIG["TWO_PASS"] = sys.argv[1] == "two"
 torch.manual_seed(0)
 model = nn.Module()
 model.blk = nn.Module()
@@ -273,11 +296,12 @@ print("ok")
 '''
 
 
-def test_merge_py_fused_path_plans_reuses_invalidates_restores_and_refuses_in_interpreter():
+@pytest.mark.parametrize("mode", ["one", "two"])  # CONFIG["TWO_PASS"]
+def test_merge_py_fused_path_plans_reuses_invalidates_restores_and_refuses_in_interpreter(mode):
     """merge() / unmerge() on the fused path (the CUDA path; CPU tensors through Triton's interpreter): merges within
     1 eps of float64, bit-exact unmerges, the kept plan reused only while nothing it was built from changed (an
     in-place step, replaced storage, blend weights, scales, the active blend, a removed module), the short overflow
     list, per-layer base weights, a whole-merge unmerge from a submodule, refusals with a fresh and a kept plan."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    p = subprocess.run([sys.executable, "-c", MERGE_PY], env=env, capture_output=True, text=True, timeout=600)
+    p = subprocess.run([sys.executable, "-c", MERGE_PY, mode], env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]
