@@ -39,29 +39,22 @@ SHAPES = [("attn.c_attn", 1280, 3840), ("attn.c_proj", 1280, 1280), ("mlp.c_fc",
           ("mlp.c_proj", 5120, 1280)]
 LAYERS_PER_TOKEN = 24  # GPT2-sized: each of the four layers once per block
 RANKS = [(8, 1), (32, 4)]  # (R, adapters of rank 8 blended)
-SWEEP = [dict(BLOCK_N=16, BLOCK_K=256, SPLIT=1, num_warps=4, num_stages=4),
-         dict(BLOCK_N=16, BLOCK_K=128, SPLIT=2, num_warps=4, num_stages=4),
-         dict(BLOCK_N=16, BLOCK_K=256, SPLIT=2, num_warps=4, num_stages=4),
-         dict(BLOCK_N=32, BLOCK_K=128, SPLIT=1, num_warps=4, num_stages=4),
-         dict(BLOCK_N=32, BLOCK_K=128, SPLIT=2, num_warps=4, num_stages=4),
-         dict(BLOCK_N=32, BLOCK_K=64, SPLIT=2, num_warps=4, num_stages=4),
-         dict(BLOCK_N=64, BLOCK_K=128, SPLIT=2, num_warps=4, num_stages=4),
-         dict(BLOCK_N=32, BLOCK_K=256, SPLIT=1, num_warps=8, num_stages=3),
-         dict(BLOCK_N=32, BLOCK_K=64, SPLIT=4, num_warps=4, num_stages=4)]
+CONFIG_KEYS = ("BLOCK_N", "BLOCK_K", "SPLIT", "num_warps", "num_stages")
+
+
+def _configs(*rows: tuple) -> list[dict]:
+    """Tile configurations from (BLOCK_N, BLOCK_K, SPLIT, num_warps, num_stages) rows."""
+    return [dict(zip(CONFIG_KEYS, row)) for row in rows]
+
+
+SWEEP = _configs((16, 256, 1, 4, 4), (16, 128, 2, 4, 4), (16, 256, 2, 4, 4), (32, 128, 1, 4, 4),
+                 (32, 128, 2, 4, 4), (32, 64, 2, 4, 4), (64, 128, 2, 4, 4), (32, 256, 1, 8, 3),
+                 (32, 64, 4, 4, 4))
 # SPLIT 4 and 8 for the long-input layers (in >= 2 out: mlp.c_proj, 5120 -> 1280): 40 column blocks of 32 give a
 # split of 2 only 80 programs for 132 SMs, each a 2560-long loop. 4 and 8 give 160-640 programs of 640-1280.
-SWEEP_LONG = [dict(BLOCK_N=32, BLOCK_K=128, SPLIT=4, num_warps=4, num_stages=4),
-              dict(BLOCK_N=32, BLOCK_K=64, SPLIT=4, num_warps=4, num_stages=4),
-              dict(BLOCK_N=32, BLOCK_K=256, SPLIT=4, num_warps=4, num_stages=3),
-              dict(BLOCK_N=32, BLOCK_K=128, SPLIT=4, num_warps=2, num_stages=4),
-              dict(BLOCK_N=16, BLOCK_K=128, SPLIT=4, num_warps=4, num_stages=4),
-              dict(BLOCK_N=16, BLOCK_K=256, SPLIT=4, num_warps=4, num_stages=4),
-              dict(BLOCK_N=16, BLOCK_K=128, SPLIT=4, num_warps=2, num_stages=4),
-              dict(BLOCK_N=32, BLOCK_K=128, SPLIT=8, num_warps=4, num_stages=4),
-              dict(BLOCK_N=32, BLOCK_K=64, SPLIT=8, num_warps=4, num_stages=4),
-              dict(BLOCK_N=16, BLOCK_K=128, SPLIT=8, num_warps=2, num_stages=4),
-              dict(BLOCK_N=64, BLOCK_K=128, SPLIT=8, num_warps=4, num_stages=4)]
-CONFIG_KEYS = ("BLOCK_N", "BLOCK_K", "SPLIT", "num_warps", "num_stages")
+SWEEP_LONG = _configs((32, 128, 4, 4, 4), (32, 64, 4, 4, 4), (32, 256, 4, 4, 3), (32, 128, 4, 2, 4),
+                      (16, 128, 4, 4, 4), (16, 256, 4, 4, 4), (16, 128, 4, 2, 4), (32, 128, 8, 4, 4),
+                      (32, 64, 8, 4, 4), (16, 128, 8, 2, 4), (64, 128, 8, 4, 4))
 MAX_REL_ERR = 1e-2
 
 
