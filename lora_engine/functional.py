@@ -86,24 +86,40 @@ def _mixed_addmm(device_type: str) -> bool:
         return False
 
 
+MAX_UNROLLED_RANK = 16  # rank_terms above this rank go back to a GEMM (the unrolled sum would grow the kernels)
+
+
+def add_product(out: Tensor, P: Tensor, Q: Tensor, alpha: float, rank_terms: bool) -> Tensor:
+    """out + alpha * P Q^T for P [N, R], Q [M, R] of rank size R.
+
+    GEMM form: accumulated into `out` itself (addmm_, no extra pass). rank_terms: R rank-1 terms in fp32, a pointwise
+    expression Inductor fuses into the kernels around it (compiled_op.py's "rank1" form); returned in fp32 for the
+    caller to round once."""
+    if not rank_terms or P.shape[1] > MAX_UNROLLED_RANK:
+        return out.addmm_(P, Q.t(), alpha=alpha)
+    acc, Pf = out.float(), P.float() * alpha
+    for r in range(P.shape[1]):
+        acc = acc + Pf[:, r:r + 1] * Q[:, r].float()
+    return acc
+
+
 def lora_forward(x2: Tensor, weight: Tensor, bias: Tensor | None, Ac: Tensor, Bc: Tensor, d: Tensor,
-                 s: float | None, batch: int, layout: str) -> tuple[Tensor, Tensor]:
+                 s: float | None, batch: int, layout: str, rank_terms: bool = False) -> tuple[Tensor, Tensor]:
     """Training forward on 2-D x2 already in the compute dtype, factors cast: (y, h = x2 Ac^T).
 
-    y = base(x2), then y += (h * d) Bc^T accumulated into the same buffer (addmm_, no extra pass); `s` (a float)
-    is the scale when the blend is one uniform scale: folded into the GEMM's alpha, no kernels."""
+    y = base(x2) + (h * d) Bc^T (`add_product`); `s` (a float) is the scale when the blend is one uniform scale:
+    folded into the product's alpha, no kernels."""
     y = _base_in(x2, weight, bias, x2.dtype, layout)
     h = x2 @ Ac.t()
-    if s is None:
-        y.addmm_(scale_rows(h, d.to(x2.dtype), batch), Bc.t())
-    else:
-        y.addmm_(h, Bc.t(), alpha=s)
-    return y, h
+    hd = scale_rows(h, d.to(x2.dtype), batch) if s is None else h
+    y = add_product(y, hd, Bc, 1.0 if s is None else s, rank_terms)
+    return (y.to(x2.dtype) if rank_terms else y), h
 
 
 def lora_backward(dy2: Tensor, x2: Tensor, weight: Tensor, Ac: Tensor, Bc: Tensor, h: Tensor, d: Tensor,
                   s: float | None, batch: int, layout: str, needs: tuple[bool, bool, bool],
-                  grad_dtypes: tuple[torch.dtype, torch.dtype]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+                  grad_dtypes: tuple[torch.dtype, torch.dtype], rank_terms: bool = False
+                  ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(dx2, dA, dB) for `lora_forward`; `needs` says which are wanted. dA/dB come back in `grad_dtypes` (the
     parameters' own dtypes: fp32 masters), written straight from the low-precision GEMM where torch can."""
     ct = x2.dtype
@@ -115,8 +131,7 @@ def lora_backward(dy2: Tensor, x2: Tensor, weight: Tensor, Ac: Tensor, Bc: Tenso
     dx = dA = dB = None
     if needs[0]:
         w = weight.to(ct)
-        dx = dy2 @ (w if layout == "out_in" else w.t())
-        dx.addmm_(u, Ac, alpha=s)
+        dx = add_product(dy2 @ (w if layout == "out_in" else w.t()), u, Ac.t(), s, rank_terms)
     if needs[1]:
         dA = _mm(u.t(), x2, s, grad_dtypes[0])
     if needs[2]:
@@ -125,7 +140,8 @@ def lora_backward(dy2: Tensor, x2: Tensor, weight: Tensor, Ac: Tensor, Bc: Tenso
 
 
 class _LoRALinearFn(torch.autograd.Function):
-    """Frozen-base LoRA with a hand-written backward (eager training; compiled_op.py is the torch.compile form).
+    """Frozen-base LoRA with a hand-written backward (eager training, and what torch.compile traces: compiled_op.py;
+    `rank_terms` is its "rank1" form).
 
     Saved: x (cast once), A/B cast once, and h = x A^T ([N, R]: R/out of y's size; recomputing it would cost a
     kernel launch per layer, which is what dominates at these shapes). The base weight is NOT saved in the
@@ -133,13 +149,13 @@ class _LoRALinearFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, d, s, layout, casts):
+    def forward(ctx, x, weight, bias, A, B, d, s, layout, casts, rank_terms):
         ct = compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1]).to(ct)
         Ac, Bc = casts if casts is not None and casts[0].dtype == ct else (A.to(ct), B.to(ct))
-        y, h = lora_forward(x2, weight, bias, Ac, Bc, d, s, x.shape[0], layout)
+        y, h = lora_forward(x2, weight, bias, Ac, Bc, d, s, x.shape[0], layout, rank_terms)
         ctx.save_for_backward(x2, weight, Ac, Bc, h, d)
-        ctx.s, ctx.layout, ctx.x_shape, ctx.x_dtype = s, layout, x.shape, x.dtype
+        ctx.s, ctx.layout, ctx.x_shape, ctx.x_dtype, ctx.rank_terms = s, layout, x.shape, x.dtype, rank_terms
         ctx.grad_dtypes = (A.dtype, B.dtype)  # gradients go back in the parameters' dtype (fp32 masters)
         return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -148,10 +164,10 @@ class _LoRALinearFn(torch.autograd.Function):
         x2, weight, Ac, Bc, h, d = ctx.saved_tensors
         need = ctx.needs_input_grad
         dx, dA, dB = lora_backward(dy.reshape(-1, dy.shape[-1]), x2, weight, Ac, Bc, h, d, ctx.s, ctx.x_shape[0],
-                                   ctx.layout, (need[0], need[3], need[4]), ctx.grad_dtypes)
+                                   ctx.layout, (need[0], need[3], need[4]), ctx.grad_dtypes, ctx.rank_terms)
         if dx is not None:
             dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
-        return dx, None, None, dA, dB, None, None, None, None
+        return dx, None, None, dA, dB, None, None, None, None, None
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, d: Tensor,
@@ -165,7 +181,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     """
     check_rows(x, d)
     if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad):
-        return _LoRALinearFn.apply(x, weight, bias, A, B, d, s, layout, casts)
+        return _LoRALinearFn.apply(x, weight, bias, A, B, d, s, layout, casts, False)
     ct = compute_dtype(x)  # d stays a tensor here: no recompile under torch.compile when the blend changes
     rows = None if d.dim() == 1 else d
     return lora_linear_cached(x, weight, bias, A.to(ct), fold_scale(B, d, ct), rows, layout)
