@@ -75,7 +75,7 @@ class FusedPlan:
 
     key: tuple  # `_fused_key(layers, weights)` when it was built; equal keys mean the plan still holds
     entries: list[tuple[str, LoRALayer]]  # (path, layer) of every merged layer, in lora_layers() order
-    layers: list[LoRALayer]
+    layers: list[LoRALayer]  # the layers of `entries`, kept as a list: every merge walks it for the key
     ptrs: list[int]  # each layer's weight storage, where the kernels write
     groups: list["merge_triton.Group"]
     paths: list[list[str]]  # per group, its layers' paths by slot (to name the layers a refusal is about)
