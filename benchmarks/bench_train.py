@@ -11,7 +11,7 @@ import time
 import torch
 
 from .harness import peak_step_bytes, sync, time_interleaved
-from lora_engine import lora_layers
+from lora_engine import LoRALayer, compiled_op, lora_layers
 
 from .models import add_ours, add_peft, build_base, gpt_config, lora_parameters
 
@@ -62,15 +62,16 @@ def run(res: dict, args) -> None:
     del variants["ours_r16"]
     if args.no_compile:
         return
-    # ours twice: the default form compiled_op.py gives dynamo (the eager autograd Function, every product a cuBLAS
-    # call) and the "rank1" form (the up-projections as rank-1 terms Inductor fuses)
-    rank1 = add_ours(copy.deepcopy(base), ["a0"], 8)
-    for layer in lora_layers(rank1).values():
-        layer.compiled_form = "rank1"
-    variants["ours_r8_rank1_form"] = _trainer(rank1, x)
+    # ours in every form compiled_op.py gives dynamo: "ours_r8" in the default (LoRALayer.compiled_form), and the others
+    others = [f for f in compiled_op.FORMS if f != LoRALayer.compiled_form]
+    for form in others:
+        model = add_ours(copy.deepcopy(base), ["a0"], 8)
+        for layer in lora_layers(model).values():
+            layer.compiled_form = form
+        variants[f"ours_r8_{form}_form"] = _trainer(model, x)
     compiled, first = {}, {}
-    for name in ("ours_r8", "ours_r8_rank1_form", "peft_r8", "frozen_floor"):  # the compiled floor: what no LoRA can go below
-        model, opt, _ = variants[name]
+    for name in ("ours_r8", *(f"ours_r8_{f}_form" for f in others), "peft_r8", "frozen_floor"):
+        model, opt, _ = variants[name]  # frozen_floor compiled: what no LoRA can go below
         cmodel = torch.compile(model)
         step = _step_fn(cmodel, x, opt, input_grad=name == "frozen_floor")
         sync()
@@ -84,8 +85,9 @@ def run(res: dict, args) -> None:
     res["ratios"]["train_compiled_r8_vs_peft_compiled"] = _ratio(ctimes["ours_r8"]["median_ms"],
                                                                  ctimes["peft_r8"]["median_ms"])
     res["ratios"]["first_compile_s"] = {"value": first["ours_r8"], "peft_s": first["peft_r8"]}
-    res["ratios"]["train_compiled_r8_rank1_form_vs_peft_compiled"] = _ratio(ctimes["ours_r8_rank1_form"]["median_ms"],
-                                                                           ctimes["peft_r8"]["median_ms"])
+    for form in others:
+        res["ratios"][f"train_compiled_r8_{form}_form_vs_peft_compiled"] = _ratio(
+            ctimes[f"ours_r8_{form}_form"]["median_ms"], ctimes["peft_r8"]["median_ms"])
     res["ratios"]["train_compiled_r8_vs_compiled_floor"] = _ratio(ctimes["ours_r8"]["median_ms"],
                                                                   ctimes["frozen_floor"]["median_ms"])
     res["ratios"]["train_compiled_peft_vs_compiled_floor"] = _ratio(ctimes["peft_r8"]["median_ms"],

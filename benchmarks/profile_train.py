@@ -20,13 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_train import _step_fn, _trainer  # noqa: E402
 from benchmarks.harness import time_once  # noqa: E402
 from benchmarks.models import add_ours, add_peft, build_base, gpt_config  # noqa: E402
-from lora_engine import lora_layers  # noqa: E402
+from lora_engine import LoRALayer, compiled_op, lora_layers  # noqa: E402
 
 
-def rank1_form(model):
-    """The same LoRA, traced by torch.compile with its up-projections as rank-1 terms (lora_engine/compiled_op.py)."""
+def with_form(model, form: str):
+    """The same LoRA, traced by torch.compile in another of compiled_op.FORMS (lora_engine/compiled_op.py)."""
     for layer in lora_layers(model).values():
-        layer.compiled_form = "rank1"
+        layer.compiled_form = form
     return model
 
 
@@ -53,7 +53,8 @@ def main() -> None:
     x = torch.randn(8, 512, cfg.n_embd, device="cuda")
     steps = {"frozen_floor": _step_fn(base, x, None, input_grad=True),
              "ours_r8": _trainer(add_ours(copy.deepcopy(base), ["a0"], 8), x),
-             "ours_r8_rank1": _trainer(rank1_form(add_ours(copy.deepcopy(base), ["a0"], 8)), x),
+             **{f"ours_r8_{form}": _trainer(with_form(add_ours(copy.deepcopy(base), ["a0"], 8), form), x)
+                for form in compiled_op.FORMS if form != LoRALayer.compiled_form},
              "peft_r8": _trainer(add_peft(copy.deepcopy(base), ["a0"], 8), x)}
     for name, v in steps.items():
         if name != "frozen_floor":
@@ -62,7 +63,7 @@ def main() -> None:
         elif args.compiled:
             steps[name] = _step_fn(torch.compile(base), x, None, input_grad=True)
     for name, step in steps.items():
-        if name == "ours_r8_rank1" and not args.compiled:
+        if name.startswith("ours_r8_") and not args.compiled:  # the forms only differ under torch.compile
             continue
         for _ in range(3):
             step()

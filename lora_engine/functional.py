@@ -104,34 +104,55 @@ def add_product(out: Tensor, P: Tensor, Q: Tensor, alpha: float, rank_terms: boo
 
 
 def lora_forward(x2: Tensor, weight: Tensor, bias: Tensor | None, Ac: Tensor, Bc: Tensor, d: Tensor,
-                 s: float | None, batch: int, layout: str, rank_terms: bool = False) -> tuple[Tensor, Tensor]:
+                 s: float | None, batch: int, layout: str, form: str = "gemm") -> tuple[Tensor, Tensor]:
     """Training forward on 2-D x2 already in the compute dtype, factors cast: (y, h = x2 Ac^T).
 
     y = base(x2) + (h * d) Bc^T (`add_product`); `s` (a float) is the scale when the blend is one uniform scale:
-    folded into the product's alpha, no kernels."""
-    y = _base_in(x2, weight, bias, x2.dtype, layout)
-    h = x2 @ Ac.t()
+    folded into the product's alpha, no kernels. `form` (compiled_op.py): "gemm" three GEMMs; "rank1" the
+    up-projection as rank-1 terms; "cat" also h from the base GEMM itself: x2 [W; Ac]^T = [base | h] (the R extra
+    output features ride along in one cuBLAS call), the bias added with the rank-1 terms."""
+    rank_terms = form != "gemm"
+    if form == "cat":
+        out_dim = weight.shape[0] if layout == "out_in" else weight.shape[1]
+        y_ext = _base_in(x2, _append_out(weight.to(x2.dtype), Ac, layout), None, x2.dtype, layout)
+        y, h = y_ext[:, :out_dim], y_ext[:, out_dim:]
+    else:
+        y = _base_in(x2, weight, bias, x2.dtype, layout)
+        h = x2 @ Ac.t()
     hd = scale_rows(h, d.to(x2.dtype), batch) if s is None else h
     y = add_product(y, hd, Bc, 1.0 if s is None else s, rank_terms)
+    if form == "cat" and bias is not None:
+        y = y + bias.float()
     return (y.to(x2.dtype) if rank_terms else y), h
+
+
+def _append_out(w: Tensor, Ac: Tensor, layout: str) -> Tensor:
+    """The base weight with Ac's R rows appended as extra output features, in the weight's own layout."""
+    return torch.cat([w, Ac], 0) if layout == "out_in" else torch.cat([w, Ac.t()], 1)
 
 
 def lora_backward(dy2: Tensor, x2: Tensor, weight: Tensor, Ac: Tensor, Bc: Tensor, h: Tensor, d: Tensor,
                   s: float | None, batch: int, layout: str, needs: tuple[bool, bool, bool],
-                  grad_dtypes: tuple[torch.dtype, torch.dtype], rank_terms: bool = False
+                  grad_dtypes: tuple[torch.dtype, torch.dtype], form: str = "gemm"
                   ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(dx2, dA, dB) for `lora_forward`; `needs` says which are wanted. dA/dB come back in `grad_dtypes` (the
-    parameters' own dtypes: fp32 masters), written straight from the low-precision GEMM where torch can."""
-    ct = x2.dtype
+    parameters' own dtypes: fp32 masters), written straight from the low-precision GEMM where torch can. In the
+    "cat" form dy [W^T | Bc] = [dx's base part | u] is one GEMM when dx is wanted."""
+    ct, rank_terms = x2.dtype, form != "gemm"
     dy2 = dy2.to(ct)
-    u = dy2 @ Bc  # [N, R]; dL/d(x A^T) = u * d
+    w = weight.to(ct) if needs[0] else None
+    wt = None if w is None else (w if layout == "out_in" else w.t())  # [out, in]
+    if form == "cat" and wt is not None:
+        dxu = dy2 @ torch.cat([wt, Bc], 1)
+        dx, u = dxu[:, :wt.shape[1]], dxu[:, wt.shape[1]:]
+    else:
+        dx, u = (None if wt is None else dy2 @ wt), dy2 @ Bc  # u [N, R]: dL/d(x A^T) = u * d
     if s is None:
         dc = d.to(ct)
         u, h, s = scale_rows(u, dc, batch), scale_rows(h, dc, batch), 1.0
-    dx = dA = dB = None
-    if needs[0]:
-        w = weight.to(ct)
-        dx = add_product(dy2 @ (w if layout == "out_in" else w.t()), u, Ac.t(), s, rank_terms)
+    dA = dB = None
+    if dx is not None:
+        dx = add_product(dx, u, Ac.t(), s, rank_terms)
     if needs[1]:
         dA = _mm(u.t(), x2, s, grad_dtypes[0])
     if needs[2]:
@@ -141,7 +162,7 @@ def lora_backward(dy2: Tensor, x2: Tensor, weight: Tensor, Ac: Tensor, Bc: Tenso
 
 class _LoRALinearFn(torch.autograd.Function):
     """Frozen-base LoRA with a hand-written backward (eager training, and what torch.compile traces: compiled_op.py;
-    `rank_terms` is its "rank1" form).
+    `form` is one of compiled_op.FORMS: "gemm" in eager training).
 
     Saved: x (cast once), A/B cast once, and h = x A^T ([N, R]: R/out of y's size; recomputing it would cost a
     kernel launch per layer, which is what dominates at these shapes). The base weight is NOT saved in the
@@ -149,13 +170,13 @@ class _LoRALinearFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, d, s, layout, casts, rank_terms):
+    def forward(ctx, x, weight, bias, A, B, d, s, layout, casts, form):
         ct = compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1]).to(ct)
         Ac, Bc = casts if casts is not None and casts[0].dtype == ct else (A.to(ct), B.to(ct))
-        y, h = lora_forward(x2, weight, bias, Ac, Bc, d, s, x.shape[0], layout, rank_terms)
+        y, h = lora_forward(x2, weight, bias, Ac, Bc, d, s, x.shape[0], layout, form)
         ctx.save_for_backward(x2, weight, Ac, Bc, h, d)
-        ctx.s, ctx.layout, ctx.x_shape, ctx.x_dtype, ctx.rank_terms = s, layout, x.shape, x.dtype, rank_terms
+        ctx.s, ctx.layout, ctx.x_shape, ctx.x_dtype, ctx.form = s, layout, x.shape, x.dtype, form
         ctx.grad_dtypes = (A.dtype, B.dtype)  # gradients go back in the parameters' dtype (fp32 masters)
         return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -164,7 +185,7 @@ class _LoRALinearFn(torch.autograd.Function):
         x2, weight, Ac, Bc, h, d = ctx.saved_tensors
         need = ctx.needs_input_grad
         dx, dA, dB = lora_backward(dy.reshape(-1, dy.shape[-1]), x2, weight, Ac, Bc, h, d, ctx.s, ctx.x_shape[0],
-                                   ctx.layout, (need[0], need[3], need[4]), ctx.grad_dtypes, ctx.rank_terms)
+                                   ctx.layout, (need[0], need[3], need[4]), ctx.grad_dtypes, ctx.form)
         if dx is not None:
             dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
         return dx, None, None, dA, dB, None, None, None, None, None
@@ -181,7 +202,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     """
     check_rows(x, d)
     if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad):
-        return _LoRALinearFn.apply(x, weight, bias, A, B, d, s, layout, casts, False)
+        return _LoRALinearFn.apply(x, weight, bias, A, B, d, s, layout, casts, "gemm")
     ct = compute_dtype(x)  # d stays a tensor here: no recompile under torch.compile when the blend changes
     rows = None if d.dim() == 1 else d
     return lora_linear_cached(x, weight, bias, A.to(ct), fold_scale(B, d, ct), rows, layout)

@@ -26,7 +26,7 @@ class LoRALayer(nn.Module):
     """Common state: adapters (A [r, in], B [out, r]), their scales, the active blend, the merge record."""
 
     layout = "out_in"  # how the base weight is stored; "in_out" for Conv1D and Embedding
-    compiled_form = "gemm"  # how torch.compile sees a training forward: "gemm" or "rank1" (compiled_op.py)
+    compiled_form = "rank1"  # how torch.compile sees a training forward: one of compiled_op.FORMS
 
     def __init__(self, base: nn.Module):
         super().__init__()

@@ -37,13 +37,14 @@ def test_autocast_availability_is_asked_once_per_device_type(monkeypatch):
     assert calls == ["cpu"]
 
 
-@pytest.mark.parametrize("form, gemms", [("gemm", 2 * 8 - 2), ("rank1", 2 * 5 + 1)])
+@pytest.mark.parametrize("form, gemms", [("gemm", 2 * 8 - 2), ("rank1", 2 * 5 + 1), ("cat", 2 * 4)])
 def test_compiled_training_forms_trace_their_gemms_and_match_eager_gradients(form, gemms):
     """Both forms torch.compile can see (compiled_op.py) trace into one forward and one backward graph with the
     cuBLAS calls their design says, and the compiled loss and LoRA gradients agree with the eager fast path's to
     bf16 rounding. Per layer: "gemm" runs base, h, y += h B^T forward and u, dx, dx += u A, dA, dB backward;
-    "rank1" fuses the two up-projections into pointwise terms and runs dx as one GEMM. The first layer's input
-    needs no gradient (no dx: two GEMMs fewer in "gemm", one in "rank1")."""
+    "rank1" fuses the two up-projections into pointwise terms and runs dx as one GEMM; "cat" also takes h from the
+    base GEMM and u from dx's (base, dA, dB forward and backward). The first layer's input needs no gradient (no dx:
+    two GEMMs fewer in "gemm", one in "rank1"; in "cat" u is then a GEMM of its own)."""
     import copy
 
     from torch._dynamo.backends.common import aot_autograd
@@ -92,5 +93,5 @@ def test_an_unknown_compiled_form_is_refused():
     from lora_engine import compiled_op
 
     x, w, A, B = torch.randn(3, 4), torch.randn(5, 4), torch.randn(2, 4, requires_grad=True), torch.randn(5, 2)
-    with pytest.raises(ValueError, match="compiled_form must be 'gemm' or 'rank1'"):
+    with pytest.raises(ValueError, match="compiled_form must be one of"):
         compiled_op.lora_linear(x, w, None, A, B, torch.ones(2), "out_in", 1.0, form="fast")

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_engine import LoRASpec, inject_lora, lora_layers, set_blend
+from lora_engine import compiled_op
 from lora_engine import functional as Fn
 from tests.lora_engine.helpers import Stack, randomize_lora
 
@@ -46,28 +47,38 @@ def _stacked_d(ws, scales, ranks, per_row):
 @settings(max_examples=60, deadline=None)
 @given(layout=st.sampled_from(["out_in", "in_out"]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
        ranks=st.lists(st.integers(1, 5), min_size=1, max_size=3), per_row=st.booleans(),
-       batch=st.integers(1, 3), seq=st.integers(1, 4), seed=st.integers(0, 2**16))
-def test_training_path_forward_and_gradients_match_float64(layout, dtype, ranks, per_row, batch, seq, seed):
+       batch=st.integers(1, 3), seq=st.integers(1, 4), seed=st.integers(0, 2**16),
+       form=st.sampled_from(compiled_op.FORMS), x_grad=st.booleans(), bias=st.booleans())
+def test_training_path_forward_and_gradients_match_float64(layout, dtype, ranks, per_row, batch, seq, seed, form,
+                                                           x_grad, bias):
+    """Every form of the training Function (eager "gemm", and the forms torch.compile is given: compiled_op.py),
+    with and without an input gradient (the first layer needs none: "cat" then takes u from its own GEMM)."""
     W, b, As, Bs, ws, scales, x = _case(layout, dtype, ranks, per_row, batch, seq, seed)
+    b = b if bias else None
     d = _stacked_d(ws, scales, ranks, per_row)
     uniform = None if per_row or len(set(float(w) * s for w, s in zip(ws, scales))) > 1 else float(ws[0]) * scales[0]
     A = torch.cat(As).requires_grad_(True)
     B = torch.cat(Bs, 1).requires_grad_(True)
-    xg = x.clone().requires_grad_(True)
-    y = Fn.lora_linear(xg, W, b, A, B, d, layout, uniform)
+    xg = x.clone().requires_grad_(x_grad)
+    y = Fn.lora_linear(xg, W, b, A, B, d, layout, uniform) if form == "gemm" else \
+        Fn._LoRALinearFn.apply(xg, W, b, A, B, d, uniform, layout, None, form)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1))
-    gx, gA, gB = torch.autograd.grad(y.float().mul(dy).sum(), [xg, A, B])
+    grads = torch.autograd.grad(y.float().mul(dy).sum(), [xg, A, B] if x_grad else [A, B])
+    gx, gA, gB = grads if x_grad else (None, *grads)
 
     xr = x.double().requires_grad_(True)
     Ar = [a.double().requires_grad_(True) for a in As]
     Br = [m.double().requires_grad_(True) for m in Bs]
-    yr = _reference(xr, W, b, Ar, Br, ws, scales, layout)
+    b0 = torch.zeros(W.shape[0] if layout == "out_in" else W.shape[1]) if b is None else b
+    yr = _reference(xr, W, b0, Ar, Br, ws, scales, layout)
     rx, *rAB = torch.autograd.grad(yr.mul(dy.double()).sum(), [xr, *Ar, *Br])
     rA, rB = torch.cat(rAB[:len(As)]), torch.cat(rAB[len(As):], 1)
 
     assert y.dtype == dtype and gA.dtype == gB.dtype == torch.float32  # grads in the fp32 masters' dtype
     tol = {torch.float32: 1e-5, torch.bfloat16: 4e-2}[dtype]  # bf16: 8-bit mantissa, and the sums can cancel
-    for what, got, want in (("y", y, yr), ("dx", gx, rx), ("dA", gA, rA), ("dB", gB, rB)):
+    assert y.is_contiguous()  # also in "cat", whose GEMM output is [base | h]
+    checks = [("y", y, yr), ("dx", gx, rx), ("dA", gA, rA), ("dB", gB, rB)]
+    for what, got, want in [c for c in checks if x_grad or c[0] != "dx"]:
         err = (got.double() - want).norm() / want.norm().clamp_min(1e-12)
         assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.0e}"
 
