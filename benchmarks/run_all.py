@@ -77,6 +77,8 @@ def main() -> None:
     ap.add_argument("--tag", default="")
     ap.add_argument("--gemv-tiles", default=None, help="a tune_gemv.py --out JSON: decode with its least-time tiles "
                                                        "per shape (over lora_gemv_triton.TUNED)")
+    ap.add_argument("--merge-tiles", default=None, help="a tune_merge.py --out JSON: merge and unmerge with its best "
+                                                        "merge tile and unmerge tile (over merge_triton.CONFIG)")
     args = ap.parse_args()
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -91,6 +93,13 @@ def main() -> None:
             n_in, n_out = map(int, shape.split("x"))
             lora_gemv_triton.set_config(n_in, n_out, cfg)
         res["gemv_tiles"] = tiles
+    if args.merge_tiles:
+        from lora_engine.kernels import merge_triton
+        best = json.loads(Path(args.merge_tiles).read_text())["best"]
+        tiles = {k: v for part in ("merge_tile", "unmerge_tile") for k, v in best[part].items()
+                 if k in merge_triton.CONFIG}
+        merge_triton.CONFIG.update(tiles)
+        res["merge_tiles"] = tiles
     wanted = args.only or (list(SECTIONS) + ["unifiedvoice"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -26,19 +26,19 @@ from benchmarks.models import add_ours, build_base, gpt_config  # noqa: E402
 from lora_engine import lora_layers, merge, unmerge  # noqa: E402
 from lora_engine.kernels import merge_triton  # noqa: E402
 
-TILES = [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1),
-         dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=1),
-         dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=1),
-         dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=1),
-         dict(BLOCK_M=32, BLOCK_N=256, num_warps=8, num_stages=1),
-         dict(BLOCK_M=16, BLOCK_N=256, num_warps=4, num_stages=1),
-         dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=1)]
-# The best one-pass tile in both modes side by side first (two passes with several compaction blocks), then the
-# other tiles one-pass, and two-pass at larger tiles (its stream pass has no reductions left to spill).
-CONFIGS = ([dict(TILES[0], TWO_PASS=False, COMPACT_BLOCK=4096)]
-           + [dict(TILES[0], TWO_PASS=True, COMPACT_BLOCK=b) for b in (4096, 2048, 16384)]
-           + [dict(t, TWO_PASS=False, COMPACT_BLOCK=4096) for t in TILES[1:]]
-           + [dict(t, TWO_PASS=True, COMPACT_BLOCK=4096) for t in TILES[2:5]])
+# (merge tile, unmerge tile) per row: the two are timed separately, so one row tries one of each. The first row is the
+# configured one, the last the configuration before NOTES (18); the others keep 4-8 elements per thread (merge 56-98
+# registers, unmerge 32-48 in ptxas for sm_90: 20-64 warps per SM, where 32 elements per thread took 255 and 8).
+def _tiles(m, u):
+    return dict(BLOCK_M=m[0], BLOCK_N=m[1], num_warps=m[2], num_stages=1,
+                U_BLOCK_M=u[0], U_BLOCK_N=u[1], U_num_warps=u[2])
+
+
+PAIRS = [((8, 64, 4), (8, 256, 8)), ((8, 128, 8), (8, 128, 4)), ((16, 64, 8), (16, 64, 4)), ((8, 32, 2), (8, 64, 2)),
+         ((4, 128, 4), (4, 128, 4)), ((4, 256, 8), (8, 128, 8)), ((8, 64, 2), (16, 128, 8)), ((8, 128, 4), (8, 64, 4)),
+         ((64, 64, 4), (64, 64, 4))]
+CONFIGS = ([dict(_tiles(m, u), TWO_PASS=False, COMPACT_BLOCK=4096) for m, u in PAIRS]
+           + [dict(_tiles((16, 64, 8), (8, 256, 8)), TWO_PASS=True, COMPACT_BLOCK=1024)])
 
 
 def main() -> None:
@@ -89,6 +89,16 @@ def main() -> None:
         best[f"TWO_PASS={mode}"] = (min(mine, key=lambda r: r["merge_ms"] + r["unmerge_ms"] + r["blend4_merge_ms"])
                                     if mine else None)
         print(f"best TWO_PASS={mode}:", json.dumps(best[f"TWO_PASS={mode}"]))
+    # the merge tile and the unmerge tile are independent (delta does not depend on the tiles): each one's best
+    one = [r for r in ok if not r["TWO_PASS"]]
+    if one:
+        m = min(one, key=lambda r: r["merge_ms"] + r["blend4_merge_ms"])
+        u = min(one, key=lambda r: r["unmerge_ms"] + r["blend4_unmerge_ms"])
+        best["merge_tile"] = {k: m[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "merge_ms", "blend4_merge_ms")}
+        best["unmerge_tile"] = {k: u[k] for k in ("U_BLOCK_M", "U_BLOCK_N", "U_num_warps", "unmerge_ms",
+                                                  "blend4_unmerge_ms")}
+        print("best merge tile:", json.dumps(best["merge_tile"]))
+        print("best unmerge tile:", json.dumps(best["unmerge_tile"]))
     if args.out:
         Path(args.out).write_text(json.dumps({"rows": rows, "best": best}, indent=1))
 

@@ -38,10 +38,14 @@ try:
 except ImportError:  # the CPU wheel has no triton: merge.py uses its PyTorch path
     triton = None
 
-# Tile configuration (benchmarks/tune_merge.py sweeps it on the GPU). A Group keeps the one it was merged with:
-# unmerge must recompute delta with exactly the same code to be bit-exact.
+# Tile configuration (benchmarks/tune_merge.py sweeps it on the GPU): the merge pass's tile, and the unmerge pass's
+# (U_*). Delta is the same sequence of FMAs per element whatever the tile, so the two may differ (the merge pass
+# carries the overflow reductions and needs more registers per element). The tiles are small on purpose: at 32
+# elements per thread both kernels needed 240-255 registers (ptxas), 8 warps per SM, too few loads in flight to
+# stream the weights (NOTES.md (18)). A Group keeps the configuration it was merged with.
 # TWO_PASS: merge with `_merge_stream_kernel` + `_compact_kernel` (COMPACT_BLOCK elements of c per program).
-CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1,  # best of tune_merge.py on an H200
+CONFIG = {"BLOCK_M": 8, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1,  # best of tune_merge.py on an H200
+          "U_BLOCK_M": 8, "U_BLOCK_N": 128, "U_num_warps": 4,
           "TWO_PASS": False, "COMPACT_BLOCK": 4096}
 _TILE_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")  # what the tile kernels take of CONFIG
 _CHUNK = 32  # marked elements `_compact_kernel` settles at a time (a block has a few; the list is read back)
@@ -54,20 +58,20 @@ def available(weights: list[Tensor], factors: list[Tensor]) -> bool:
     address a weight as row-major [M, N])."""
     return (triton is not None and bool(weights) and all(w.is_cuda and w.dtype in _BITS and w.dim() == 2
                                                          and w.numel() < 2 ** 31 and w.is_contiguous()
-                                                         for w in weights)
+                                                         and w.data_ptr() % 16 == 0 for w in weights)
             and all(f.is_cuda and f.dtype == torch.float32 for f in factors))
 
 
 if triton is not None:
     @triton.jit
-    def _delta(P_tab, Q_tab, S_tab, layer, offs_m, offs_n, M, N, NA: tl.constexpr, R: tl.constexpr,
+    def _delta(F0, P_tab, Q_tab, S_tab, layer, offs_m, offs_n, M, N, NA: tl.constexpr, R: tl.constexpr,
                spm, spr, sqr, sqn):
         """fp32 tile of sum_a s_a P_a Q_a over rows offs_m and columns offs_n (`_delta_at` on their outer product)."""
-        return _delta_at(P_tab, Q_tab, S_tab, layer, offs_m[:, None], offs_n[None, :], (offs_m < M)[:, None],
+        return _delta_at(F0, P_tab, Q_tab, S_tab, layer, offs_m[:, None], offs_n[None, :], (offs_m < M)[:, None],
                          (offs_n < N)[None, :], NA, R, spm, spr, sqr, sqn)
 
     @triton.jit
-    def _delta_at(P_tab, Q_tab, S_tab, layer, rows, cols, row_ok, col_ok, NA: tl.constexpr, R: tl.constexpr,
+    def _delta_at(F0, P_tab, Q_tab, S_tab, layer, rows, cols, row_ok, col_ok, NA: tl.constexpr, R: tl.constexpr,
                   spm, spr, sqr, sqn):
         """delta at elements (rows, cols), broadcast together: a tile ([BM, 1] and [1, BN]) or scattered elements
         (two [K]). P_a [M, R], Q_a [R, N] addressed by strides (both layouts).
@@ -79,14 +83,24 @@ if triton is not None:
         shape, _ = tl.broadcast(rows, cols)  # only for acc's shape: P and Q are loaded at their own shapes (a tile
         acc = tl.zeros(shape.shape, dtype=tl.float32)  # loads BM + BN factor values per rank, not BM * BN)
         for a in tl.static_range(NA):
-            p_ptr = tl.load(P_tab + layer * NA + a).to(tl.pointer_type(tl.float32))
-            q_ptr = tl.load(Q_tab + layer * NA + a).to(tl.pointer_type(tl.float32))
+            p_ptr = _aligned(F0, tl.load(P_tab + layer * NA + a))  # F0: the snapshot (build_group aligns every
+            q_ptr = _aligned(F0, tl.load(Q_tab + layer * NA + a))  # factor to 16 bytes): rows load as vectors
             s = tl.load(S_tab + layer * NA + a).to(tl.float32)
             for r in range(R):
                 p = tl.load(p_ptr + rows * spm + r * spr, mask=row_ok, other=0.0) * s
                 q = tl.load(q_ptr + r * sqr + cols * sqn, mask=col_ok, other=0.0)
                 acc += p * q
         return acc
+
+    @triton.jit
+    def _aligned(base, address):
+        """The tensor at `address` (read from a table) as `base` plus a whole number of 16-byte units. Triton proves
+        nothing about a pointer it loads, and moved every weight element and factor value with a load or store of
+        its own; `base` is a kernel argument (16-byte aligned, specialized at launch), so this pointer is known
+        aligned too and tiles move in 16-byte vectors (ptxas: 167 -> 72 registers at 64x64, 4 warps). Every address
+        must be 16-byte aligned: `available` checks the weights', build_group places the factors so."""
+        per16: tl.constexpr = 128 // base.dtype.element_ty.primitive_bitwidth  # elements in 16 bytes
+        return base + (address - base.to(tl.int64)) // 16 * per16
 
     @triton.jit
     def _bits(x, BITS: tl.constexpr):
@@ -114,26 +128,26 @@ if triton is not None:
         return offs_m, offs_n, mask, offs_m[:, None] * N + offs_n[None, :]  # int32: build_group checks M * N
 
     @triton.jit
-    def _merge_tile(W0, W_tab, P_tab, Q_tab, S_tab, M, N, spm, spr, sqr, sqn, NA: tl.constexpr, R: tl.constexpr,
+    def _merge_tile(W0, W_tab, F0, P_tab, Q_tab, S_tab, M, N, spm, spr, sqr, sqn, NA: tl.constexpr, R: tl.constexpr,
                     BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """This program's tile of a merge: (layer, flat offsets, in-bounds mask, the weight's pointer, W, W', the
         correction before the int8 check, W' non-finite), shared by both merge modes."""
         layer = tl.program_id(2)
         offs_m, offs_n, mask, flat = _tile(M, N, BLOCK_M, BLOCK_N)
-        w_ptr = tl.load(W_tab + layer).to(W0.dtype)
+        w_ptr = _aligned(W0, tl.load(W_tab + layer))
         w = tl.load(w_ptr + flat, mask=mask, other=0.0)
-        delta = _delta(P_tab, Q_tab, S_tab, layer, offs_m, offs_n, M, N, NA, R, spm, spr, sqr, sqn)
+        delta = _delta(F0, P_tab, Q_tab, S_tab, layer, offs_m, offs_n, M, N, NA, R, spm, spr, sqr, sqn)
         new, diff, bad = _merged(w, delta, BITS)
         return layer, flat, mask, w_ptr, w, new, diff, bad
 
     @triton.jit
-    def _merge_kernel(W0, W_tab, C0, P_tab, Q_tab, S_tab, counts, ov_layer, ov_index, ov_value, capacity,
+    def _merge_kernel(W0, W_tab, C0, F0, P_tab, Q_tab, S_tab, counts, ov_layer, ov_index, ov_value, capacity,
                       M, N, spm, spr, sqr, sqn, NA: tl.constexpr, R: tl.constexpr,
                       BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """counts: [layers] non-finite W' per layer, then [1] the overflow slots asked for (the cursor)."""
         tl.static_assert(BLOCK_M * BLOCK_N < 65536, "the two counts share one int32 reduction")
-        layer, flat, mask, w_ptr, w, new, diff, bad = _merge_tile(W0, W_tab, P_tab, Q_tab, S_tab, M, N, spm, spr, sqr,
-                                                                  sqn, NA, R, BITS, BLOCK_M, BLOCK_N)
+        layer, flat, mask, w_ptr, w, new, diff, bad = _merge_tile(W0, W_tab, F0, P_tab, Q_tab, S_tab, M, N, spm, spr,
+                                                                  sqr, sqn, NA, R, BITS, BLOCK_M, BLOCK_N)
         keep = mask & bad  # NaN or +-inf: leave W as it is
         over = mask & ~keep & ((diff > 127) | (diff < -127))
         o = over.to(tl.int32)
@@ -155,19 +169,19 @@ if triton is not None:
         tl.store(C0 + layer.to(tl.int64) * M * N + flat, c.to(tl.int8), mask=mask)
 
     @triton.jit
-    def _merge_stream_kernel(W0, W_tab, C0, P_tab, Q_tab, S_tab, M, N, spm, spr, sqr, sqn, NA: tl.constexpr,
+    def _merge_stream_kernel(W0, W_tab, C0, F0, P_tab, Q_tab, S_tab, M, N, spm, spr, sqr, sqn, NA: tl.constexpr,
                              R: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """TWO_PASS, pass 1: `_merge_kernel` without its counts, atomics and prefix sums. An element whose W' is not
         finite or whose correction does not fit int8 is left unwritten and marked UNCHANGED; `_compact_kernel`
         settles it."""
-        layer, flat, mask, w_ptr, w, new, diff, bad = _merge_tile(W0, W_tab, P_tab, Q_tab, S_tab, M, N, spm, spr, sqr,
-                                                                  sqn, NA, R, BITS, BLOCK_M, BLOCK_N)
+        layer, flat, mask, w_ptr, w, new, diff, bad = _merge_tile(W0, W_tab, F0, P_tab, Q_tab, S_tab, M, N, spm, spr,
+                                                                  sqr, sqn, NA, R, BITS, BLOCK_M, BLOCK_N)
         done = ~bad & (diff <= 127) & (diff >= -127)
         tl.store(w_ptr + flat, new, mask=mask & done)
         tl.store(C0 + layer.to(tl.int64) * M * N + flat, tl.where(done, diff, -128).to(tl.int8), mask=mask)
 
     @triton.jit
-    def _compact_kernel(W0, W_tab, C0, P_tab, Q_tab, S_tab, counts, ov_layer, ov_index, ov_value, capacity,
+    def _compact_kernel(W0, W_tab, C0, F0, P_tab, Q_tab, S_tab, counts, ov_layer, ov_index, ov_value, capacity,
                         M, N, spm, spr, sqr, sqn, NA: tl.constexpr, R: tl.constexpr, BITS: tl.constexpr,
                         BLOCK: tl.constexpr, CHUNK: tl.constexpr):
         """TWO_PASS, pass 2, over BLOCK corrections of one layer: settle the elements the stream pass marked.
@@ -192,14 +206,14 @@ if triton is not None:
                     slot = k + tl.arange(0, CHUNK)
                     ok = slot < start + n
                     idx = tl.load(ov_index + slot, mask=ok, other=0, volatile=True)
-                    _settle(W0, W_tab, P_tab, Q_tab, S_tab, counts, ov_layer, ov_index, ov_value, capacity, layer,
+                    _settle(W0, W_tab, F0, P_tab, Q_tab, S_tab, counts, ov_layer, ov_index, ov_value, capacity, layer,
                             idx, ok, slot, N, spm, spr, sqr, sqn, NA, R, BITS)
             else:  # the list runs out of slots in this block (rare): settle the whole block in place
-                _settle(W0, W_tab, P_tab, Q_tab, S_tab, counts, ov_layer, ov_index, ov_value, capacity, layer,
+                _settle(W0, W_tab, F0, P_tab, Q_tab, S_tab, counts, ov_layer, ov_index, ov_value, capacity, layer,
                         flat, marked != 0, pos, N, spm, spr, sqr, sqn, NA, R, BITS)
 
     @triton.jit
-    def _settle(W0, W_tab, P_tab, Q_tab, S_tab, counts, ov_layer, ov_index, ov_value, capacity, layer, flat, marked,
+    def _settle(W0, W_tab, F0, P_tab, Q_tab, S_tab, counts, ov_layer, ov_index, ov_value, capacity, layer, flat, marked,
                 slot, N, spm, spr, sqr, sqn, NA: tl.constexpr, R: tl.constexpr, BITS: tl.constexpr):
         """Merge the marked elements `flat` (1-D) from their originals, still in W: W' by `_merged` from the same delta
         as the stream pass. With a slot: the original goes to the list and a finite W' into W (c stays UNCHANGED:
@@ -207,7 +221,8 @@ if triton is not None:
         element without a slot (list full) is left as it is, unlisted: the host redoes the group."""
         w_ptr = tl.load(W_tab + layer).to(W0.dtype)
         w = tl.load(w_ptr + flat, mask=marked, other=0.0)
-        delta = _delta_at(P_tab, Q_tab, S_tab, layer, flat // N, flat % N, marked, marked, NA, R, spm, spr, sqr, sqn)
+        delta = _delta_at(F0, P_tab, Q_tab, S_tab, layer, flat // N, flat % N, marked, marked, NA, R, spm, spr, sqr,
+                          sqn)
         new, _, bad = _merged(w, delta, BITS)
         bad = marked & bad
         n_bad = tl.sum(bad.to(tl.int32), 0)
@@ -220,14 +235,15 @@ if triton is not None:
         tl.store(w_ptr + flat, new, mask=listed & ~bad)
 
     @triton.jit
-    def _unmerge_kernel(W0, W_tab, O_tab, C0, c_layer0, P_tab, Q_tab, S_tab, M, N, spm, spr, sqr, sqn, NA: tl.constexpr,
-                        R: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _unmerge_kernel(W0, W_tab, O_tab, C0, c_layer0, F0, P_tab, Q_tab, S_tab, M, N, spm, spr, sqr, sqn,
+                        NA: tl.constexpr, R: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
         layer = tl.program_id(2)
         offs_m, offs_n, mask, flat = _tile(M, N, BLOCK_M, BLOCK_N)
-        w_ptr = tl.load(W_tab + layer).to(W0.dtype)
-        o_ptr = tl.load(O_tab + layer).to(W0.dtype)
+        w_ptr = _aligned(W0, tl.load(W_tab + layer))
+        o_ptr = _aligned(W0, tl.load(O_tab + layer))
         new = tl.load(w_ptr + flat, mask=mask, other=0.0)
-        delta = _delta(P_tab, Q_tab, S_tab, layer, offs_m, offs_n, M, N, NA, R, spm, spr, sqr, sqn)
+        delta = _delta(F0, P_tab, Q_tab, S_tab, layer, offs_m, offs_n, M, N, NA, R, spm, spr, sqr, sqn)
         back = (new.to(tl.float32) - delta).to(new.dtype)
         c = tl.load(C0 + (c_layer0 + layer).to(tl.int64) * M * N + flat, mask=mask, other=0)
         if BITS == 16:
@@ -266,7 +282,7 @@ class Group:
     capacity: int = 0  # overflow slots the last merge pass could fill
     ov_total: int = 0  # entries in the overflow list (set once the merge pass is counted)
     counts: Tensor | None = None  # device [layers + 1] of the last merge pass: non-finite per layer, overflow asked
-    launch: tuple | None = None  # (config, grid, constexpr kwargs) as `_launch_args` last computed them
+    launch: tuple | None = None  # `_launch_args`'s last: (config, {"merge"/"unmerge": (grid, kwargs)}, compaction's)
 
     def nbytes(self) -> int:
         extra = [self.factors, *self.tables.values()]
@@ -283,22 +299,24 @@ def build_group(weights: list[Tensor], layout: str, factors: list[list[tuple[Ten
     if len({A.shape[0] for per in factors for A, _, _ in per}) != 1:
         raise ValueError("fused merge needs one rank for every adapter of a group (merge.py falls back otherwise)")
     ranks = tuple(A.shape[0] for A, _, _ in factors[0])
-    parts = [t.reshape(-1) for per in factors for A, B, _ in per for t in (A.detach(), B.detach())]
-    flat = torch.cat(parts)
-    base, sizes = flat.data_ptr(), [t.numel() for t in parts]
-    offsets = [0] * len(sizes)
-    for i in range(1, len(sizes)):
-        offsets[i] = offsets[i - 1] + sizes[i - 1]
-    ptrs = [base + 4 * o for o in offsets]
+    # Snapshot P_a^T [R, M] and Q_a [R, N], row r contiguous in both layouts and every factor 16-byte aligned: a tile
+    # loads rank r's factor values for its rows and its columns as vectors (strided by R, from pointers Triton knew
+    # nothing of, they were one scalar load per element and rank). Same values, same FMA order: W' does not change.
     M, N = W0.shape
+    As = torch.stack([A.detach() for per in factors for A, _, _ in per])  # [K, R, in]
+    Bt = torch.stack([B.detach() for per in factors for _, B, _ in per]).transpose(1, 2)  # [K, R, out]
+    Ps, Qs = (Bt, As) if layout == "out_in" else (As, Bt)  # out_in: W [out, in] += B A; in_out: W [in, out] += A^T B^T
+    R, K = ranks[0], Ps.shape[0]
+    p_size, q_size = -(-R * M // 4) * 4, -(-R * N // 4) * 4  # each factor starts on 16 bytes (`_aligned`)
+    flat = torch.empty(K * (p_size + q_size), dtype=torch.float32, device=As.device)  # P_k^T [R, M] then Q_k [R, N]
+    flat[:K * p_size].view(K, p_size)[:, :R * M].copy_(Ps.reshape(K, R * M))
+    flat[K * p_size:].view(K, q_size)[:, :R * N].copy_(Qs.reshape(K, R * N))
+    P = [flat.data_ptr() + 4 * k * p_size for k in range(K)]
+    Q = [flat.data_ptr() + 4 * (K * p_size + k * q_size) for k in range(K)]
     if M * N >= 2 ** 31:
         raise ValueError(f"fused merge addresses a weight with 32-bit offsets; {M}x{N} is too large "
                          "(merge.py falls back to its PyTorch path)")
-    R = ranks[0]
-    if layout == "out_in":  # W [out, in]: P = B [out, R], Q = A [R, in]
-        P, Q, strides = ptrs[1::2], ptrs[0::2], (R, 1, N, 1)
-    else:  # W [in, out]: P = A^T (P[m, r] = A[r, m]), Q = B^T (Q[r, n] = B[n, r])
-        P, Q, strides = ptrs[0::2], ptrs[1::2], (1, M, 1, R)
+    strides = (1, M, N, 1)  # P[m, r] at r * M + m, Q[r, n] at r * N + n
     scales = torch.tensor([s for per in factors for _, _, s in per], dtype=torch.float64).view(torch.int64)
     L, K = len(weights), len(P)
     table = torch.cat([torch.tensor([w.data_ptr() for w in weights] + P + Q, dtype=torch.int64), scales]).to(dev)
@@ -314,18 +332,21 @@ def repoint(g: Group, weights: list[Tensor]) -> None:
     g.tables["W"].copy_(torch.tensor([w.data_ptr() for w in weights], dtype=torch.int64))
 
 
-def _launch_args(g: Group) -> tuple[tuple, dict]:
-    """Grid and constexpr kwargs of the group's merge/unmerge launches, computed once per tile configuration."""
+def _launch_args(g: Group, unmerge: bool = False) -> tuple[tuple, dict]:
+    """Grid and constexpr kwargs of the group's merge (or unmerge) launches, computed once per tile configuration."""
     if g.launch is None or g.launch[0] != g.config:
         M, N = g.shape
         cfg = g.config
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), len(g.weights))
-        kw = dict(NA=len(g.ranks), R=g.ranks[0], BITS=_BITS[g.weights[0].dtype], **{k: cfg[k] for k in _TILE_KEYS})
+        common = dict(NA=len(g.ranks), R=g.ranks[0], BITS=_BITS[g.weights[0].dtype])
+        tiles = {}
+        for name, prefix in (("merge", ""), ("unmerge", "U_")):
+            kw = dict(common, **{k: cfg.get(prefix + k, cfg[k]) for k in _TILE_KEYS})
+            tiles[name] = ((triton.cdiv(M, kw["BLOCK_M"]), triton.cdiv(N, kw["BLOCK_N"]), len(g.weights)), kw)
         block = cfg.get("COMPACT_BLOCK", CONFIG["COMPACT_BLOCK"])
         compact = ((triton.cdiv(M * N, block), len(g.weights)),
-                   dict(NA=kw["NA"], R=kw["R"], BITS=kw["BITS"], BLOCK=block, CHUNK=_CHUNK, num_warps=cfg["num_warps"]))
-        g.launch = (dict(cfg), grid, kw, compact)
-    return g.launch[1], g.launch[2]
+                   dict(common, BLOCK=block, CHUNK=_CHUNK, num_warps=cfg["num_warps"]))
+        g.launch = (dict(cfg), tiles, compact)
+    return g.launch[1]["unmerge" if unmerge else "merge"]
 
 
 def default_capacity(g: Group) -> int:
@@ -364,12 +385,13 @@ def launch_merge(g: Group, capacity: int | None = None) -> None:
     grid, kw = _launch_args(g)
     t = g.tables
     if not g.config.get("TWO_PASS", False):
-        _merge_kernel[grid](g.weights[0], t["W"], g.corrections, t["P"], t["Q"], t["S"], g.counts, g.ov_layer,
-                            g.ov_index, g.ov_value, g.capacity, M, N, *g.strides, **kw)
+        _merge_kernel[grid](g.weights[0], t["W"], g.corrections, g.factors, t["P"], t["Q"], t["S"], g.counts,
+                            g.ov_layer, g.ov_index, g.ov_value, g.capacity, M, N, *g.strides, **kw)
         return
-    _merge_stream_kernel[grid](g.weights[0], t["W"], g.corrections, t["P"], t["Q"], t["S"], M, N, *g.strides, **kw)
-    cgrid, ckw = g.launch[3]
-    _compact_kernel[cgrid](g.weights[0], t["W"], g.corrections, t["P"], t["Q"], t["S"], g.counts, g.ov_layer,
+    _merge_stream_kernel[grid](g.weights[0], t["W"], g.corrections, g.factors, t["P"], t["Q"], t["S"], M, N,
+                               *g.strides, **kw)
+    cgrid, ckw = g.launch[2]
+    _compact_kernel[cgrid](g.weights[0], t["W"], g.corrections, g.factors, t["P"], t["Q"], t["S"], g.counts, g.ov_layer,
                            g.ov_index, g.ov_value, g.capacity, M, N, *g.strides, **ckw)
 
 
@@ -396,11 +418,11 @@ def restore(g: Group, out: list[Tensor] | None = None, only: int | None = None) 
     A full restore into the weights frees the corrections (the overflow buffers are kept for the next merge).
     """
     t, O = (g.tables, g.tables["W"]) if out is None and only is None else _partial_tables(g, out, only)
-    grid, kw = _launch_args(g)
+    grid, kw = _launch_args(g, unmerge=True)
     if only is not None:
         grid = (grid[0], grid[1], 1)
-    _unmerge_kernel[grid](g.weights[0], t["W"], O, g.corrections, only or 0, t["P"], t["Q"], t["S"], *g.shape,
-                          *g.strides, **kw)
+    _unmerge_kernel[grid](g.weights[0], t["W"], O, g.corrections, only or 0, g.factors, t["P"], t["Q"], t["S"],
+                          *g.shape, *g.strides, **kw)
     if g.ov_total:
         _scatter_overflow(g, O, only)
     if out is None and only is None:
@@ -415,6 +437,8 @@ def _partial_tables(g: Group, out: list[Tensor] | None, only: int | None) -> tup
         na = len(g.ranks)
         t["W"] = t["W"][only:only + 1]
         t["P"], t["Q"], t["S"] = (t[k][only * na:(only + 1) * na] for k in ("P", "Q", "S"))
+    if out is not None and any(o.data_ptr() % 16 or not o.is_contiguous() for o in out):
+        raise ValueError("restore(out=...) needs contiguous, 16-byte aligned buffers (torch.empty_like gives them)")
     O = (torch.tensor([o.data_ptr() for o in out], dtype=torch.int64).to(g.weights[0].device)
          if out is not None else t["W"])
     return t, O

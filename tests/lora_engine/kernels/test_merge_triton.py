@@ -59,17 +59,17 @@ assert mt.finish([g1]) == [([0] * L, asked)]
 assert all(torch.equal(w.view(torch.uint8), o.view(torch.uint8)) for w, o in zip(Ws, others)), "modes differ"
 mt.restore(g1)
 assert all(torch.equal(w.view(torch.uint8), o.view(torch.uint8)) for w, o in zip(others, orig)), "other mode"
-g.config = dict(mt.CONFIG, BLOCK_M=16, BLOCK_N=32)  # delta does not depend on the tiles
+g.config = dict(mt.CONFIG, U_BLOCK_M=16, U_BLOCK_N=32)  # delta does not depend on the tiles: unmerge on others
 out = [torch.empty_like(Ws[1])]
 mt.restore(g, out=out, only=1)
 assert torch.equal(out[0], orig[1]) and not torch.equal(Ws[1], orig[1]), "per-layer restore"
 mt.restore(g)
 assert all(torch.equal(w.view(torch.uint8), o.view(torch.uint8)) for w, o in zip(Ws, orig)), "restore not bit-exact"
-for cycle in range(3):  # cycles with the kept buffers: merge on the configured tiles or 16x32, restore on 16x32
+for cycle in range(3):  # cycles with the kept buffers: merge on the configured tiles or 16x32, restore on 8x64
     g.config = dict(mt.CONFIG, BLOCK_M=16, BLOCK_N=32) if cycle % 2 else dict(mt.CONFIG)
     mt.launch_merge(g)
     assert mt.finish([g]) == [([0] * L, asked)] and g.ov_total == asked
-    g.config = dict(mt.CONFIG, BLOCK_M=16, BLOCK_N=32)
+    g.config = dict(mt.CONFIG, U_BLOCK_M=8, U_BLOCK_N=64, U_num_warps=2)
     mt.restore(g)
     assert all(torch.equal(w.view(torch.uint8), o.view(torch.uint8)) for w, o in zip(Ws, orig)), f"cycle {cycle}"
 bad = [[(A, B.clone().fill_(float("nan")) if l == 1 else B, s) for A, B, s in per] for l, per in enumerate(fac)]
