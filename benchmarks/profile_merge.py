@@ -1,6 +1,5 @@
 """Where merge / unmerge time goes on the full GPT shape: host wall time vs kernel time, per kernel.
-    python benchmarks/profile_merge.py            # the configured merge mode (merge_triton.CONFIG["TWO_PASS"])
-    python benchmarks/profile_merge.py --both     # one pass, then two passes (stream + compaction), same model
+    python benchmarks/profile_merge.py     # one adapter, the configured tiles (merge_triton.CONFIG)
 """
 from __future__ import annotations
 
@@ -20,12 +19,12 @@ from lora_engine import merge, unmerge  # noqa: E402
 from lora_engine.kernels import merge_triton  # noqa: E402
 
 
-def profile_mode(model: torch.nn.Module) -> None:
-    """Warm up (compiles, builds the kept plan), then profile one merge and one unmerge in the configured mode."""
+def profile_merge(model: torch.nn.Module) -> None:
+    """Warm up (compiles, builds the kept plan), then profile one merge and one unmerge."""
     for _ in range(3):
         merge(model, {"a0": 1.0})
         unmerge(model)
-    mode = "two passes" if merge_triton.CONFIG["TWO_PASS"] else "one pass"
+    tiles = {k: v for k, v in merge_triton.CONFIG.items() if "BLOCK" in k or "warps" in k}
     for name, fn in (("merge", lambda: merge(model, {"a0": 1.0})), ("unmerge", lambda: unmerge(model))):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -35,18 +34,14 @@ def profile_mode(model: torch.nn.Module) -> None:
         wall = (time.perf_counter() - t0) * 1e3
         ev = prof.key_averages()
         kern = sum(e.self_device_time_total for e in ev if e.device_type.name == "CUDA") / 1e3
-        print(f"\n== {name} ({mode}): wall {wall:.2f} ms (profiled), kernel time {kern:.2f} ms ==")
+        print(f"\n== {name} (tiles {tiles}): wall {wall:.2f} ms (profiled), kernel time {kern:.2f} ms ==")
         print(ev.table(sort_by="self_cuda_time_total", row_limit=8, max_name_column_width=50))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--both", action="store_true", help="profile TWO_PASS False, then True")
-    args = ap.parse_args()
-    model = add_ours(copy.deepcopy(build_base(gpt_config(), "cuda", torch.bfloat16)), ["a0"])
-    for two_pass in ((False, True) if args.both else (merge_triton.CONFIG["TWO_PASS"],)):
-        merge_triton.CONFIG["TWO_PASS"] = two_pass
-        profile_mode(model)
+    ap.parse_args()
+    profile_merge(add_ours(copy.deepcopy(build_base(gpt_config(), "cuda", torch.bfloat16)), ["a0"]))
 
 
 if __name__ == "__main__":

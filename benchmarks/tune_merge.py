@@ -4,8 +4,7 @@
 
 For every configuration: merge / unmerge of the whole GPT (one adapter, and a 4-adapter blend), median of CUDA
 event times, the host-side wall time of merge() (its Python and launch cost), a bit-exact restore check, and the
-merged weights against the first row's (`merged_bits_vs_first`: 0 when W' does not depend on the tiles or the mode).
-Both merge modes: one pass (TWO_PASS False, the default) and the stream + compaction passes (TWO_PASS True).
+merged weights against the first row's (`merged_bits_vs_first`: 0 when W' does not depend on the tiles).
 """
 from __future__ import annotations
 
@@ -37,8 +36,7 @@ def _tiles(m, u):
 PAIRS = [((8, 64, 4), (8, 256, 8)), ((8, 128, 8), (8, 128, 4)), ((16, 64, 8), (16, 64, 4)), ((8, 32, 2), (8, 64, 2)),
          ((4, 128, 4), (4, 128, 4)), ((4, 256, 8), (8, 128, 8)), ((8, 64, 2), (16, 128, 8)), ((8, 128, 4), (8, 64, 4)),
          ((64, 64, 4), (64, 64, 4))]
-CONFIGS = ([dict(_tiles(m, u), TWO_PASS=False, COMPACT_BLOCK=4096) for m, u in PAIRS]
-           + [dict(_tiles((16, 64, 8), (8, 256, 8)), TWO_PASS=True, COMPACT_BLOCK=1024)])
+CONFIGS = [_tiles(m, u) for m, u in PAIRS]
 
 
 def main() -> None:
@@ -84,16 +82,9 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     ok = [r for r in rows if "error" not in r and r["bits_changed"] == 0 and r["merged_bits_vs_first"] == 0]
     best = {}
-    for mode in (False, True):
-        mine = [r for r in ok if r["TWO_PASS"] is mode]
-        best[f"TWO_PASS={mode}"] = (min(mine, key=lambda r: r["merge_ms"] + r["unmerge_ms"] + r["blend4_merge_ms"])
-                                    if mine else None)
-        print(f"best TWO_PASS={mode}:", json.dumps(best[f"TWO_PASS={mode}"]))
-    # the merge tile and the unmerge tile are independent (delta does not depend on the tiles): each one's best
-    one = [r for r in ok if not r["TWO_PASS"]]
-    if one:
-        m = min(one, key=lambda r: r["merge_ms"] + r["blend4_merge_ms"])
-        u = min(one, key=lambda r: r["unmerge_ms"] + r["blend4_unmerge_ms"])
+    if ok:  # the merge tile and the unmerge tile are independent (delta does not depend on the tiles): each one's best
+        m = min(ok, key=lambda r: r["merge_ms"] + r["blend4_merge_ms"])
+        u = min(ok, key=lambda r: r["unmerge_ms"] + r["blend4_unmerge_ms"])
         best["merge_tile"] = {k: m[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "merge_ms", "blend4_merge_ms")}
         best["unmerge_tile"] = {k: u[k] for k in ("U_BLOCK_M", "U_BLOCK_N", "U_num_warps", "unmerge_ms",
                                                   "blend4_unmerge_ms")}

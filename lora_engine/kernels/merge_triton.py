@@ -12,18 +12,10 @@ pass each way, about 5 bytes per element:
 The host reads the counts once after the merge pass: a non-finite element means unmerge (bit-exact, the unwritten
 elements untouched) and refuse; a full overflow list (rare) means unmerge and redo with an exact-size list.
 
-CONFIG["TWO_PASS"] (opt-in until measured) splits the merge in two, because the per-tile counts, atomic and prefix
-sums of the one-pass kernel run in nearly every tile (about one element in 2,000 overflows int8):
-  stream   (read W, write W, c)  the merge pass without reductions, atomics or scans: W' and c where c fits int8
-                                 and W' is finite, every other element left unwritten and marked -128;
-  compact  (read c)              per block of c, one reduction; a block with marked elements reserves their slots
-                                 with one atomic, lists them, and settles each from its original W: W' recomputed
-                                 (the same FMA sequence as the stream pass), written if finite (its original in the
-                                 list, c stays -128), counted if not. Unmerge, counts and host logic are unchanged.
-
 delta = sum_a s_a B_a A_a is recomputed in every pass from a snapshot of the factors as R rank-1 fp32 FMA updates
 per element in a fixed order (`_delta`): the same operations whatever the tile shape, so `back` is bit-identical
-between merge and unmerge, and 8-64 FMAs per element keep the passes memory-bound.
+between merge and unmerge, and 8-64 FMAs per element keep the passes memory-bound. (A two-pass merge -- a streaming
+pass without counts, then a compaction pass over the corrections -- measured slower in every sweep: NOTES.md (17).)
 """
 from __future__ import annotations
 
@@ -43,12 +35,9 @@ except ImportError:  # the CPU wheel has no triton: merge.py uses its PyTorch pa
 # carries the overflow reductions and needs more registers per element). The tiles are small on purpose: at 32
 # elements per thread both kernels needed 240-255 registers (ptxas), 8 warps per SM, too few loads in flight to
 # stream the weights (NOTES.md (18)). A Group keeps the configuration it was merged with.
-# TWO_PASS: merge with `_merge_stream_kernel` + `_compact_kernel` (COMPACT_BLOCK elements of c per program).
 CONFIG = {"BLOCK_M": 8, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1,  # best of tune_merge.py on an H200
-          "U_BLOCK_M": 8, "U_BLOCK_N": 128, "U_num_warps": 4,
-          "TWO_PASS": False, "COMPACT_BLOCK": 4096}
+          "U_BLOCK_M": 8, "U_BLOCK_N": 128, "U_num_warps": 4}
 _TILE_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")  # what the tile kernels take of CONFIG
-_CHUNK = 32  # marked elements `_compact_kernel` settles at a time (a block has a few; the list is read back)
 UNCHANGED = -128  # correction value of an element the merge pass did not write
 _BITS = {torch.bfloat16: 16, torch.float16: 16, torch.float32: 32}
 
@@ -66,25 +55,19 @@ if triton is not None:
     @triton.jit
     def _delta(F0, P_tab, Q_tab, S_tab, layer, offs_m, offs_n, M, N, NA: tl.constexpr, R: tl.constexpr,
                spm, spr, sqr, sqn):
-        """fp32 tile of sum_a s_a P_a Q_a over rows offs_m and columns offs_n (`_delta_at` on their outer product)."""
-        return _delta_at(F0, P_tab, Q_tab, S_tab, layer, offs_m[:, None], offs_n[None, :], (offs_m < M)[:, None],
-                         (offs_n < N)[None, :], NA, R, spm, spr, sqr, sqn)
-
-    @triton.jit
-    def _delta_at(F0, P_tab, Q_tab, S_tab, layer, rows, cols, row_ok, col_ok, NA: tl.constexpr, R: tl.constexpr,
-                  spm, spr, sqr, sqn):
-        """delta at elements (rows, cols), broadcast together: a tile ([BM, 1] and [1, BN]) or scattered elements
-        (two [K]). P_a [M, R], Q_a [R, N] addressed by strides (both layouts).
+        """fp32 tile of sum_a s_a P_a Q_a over rows offs_m and columns offs_n; P_a [M, R], Q_a [R, N] addressed by
+        strides from the factor snapshot F0 (`build_group`).
 
         Rank-1 updates in a fixed order, one fp32 FMA per rank and element (acc from +0.0; per adapter, per rank:
         p = P * s, then acc += p * q): every element's delta is the same sequence of operations whatever the tile
-        shape or pass, so merge and unmerge, and the two merge modes, agree bit for bit (and R of 8 to 64 costs 8 to
-        64 FMAs per element: no tensor-core tile, no layout shuffles)."""
-        shape, _ = tl.broadcast(rows, cols)  # only for acc's shape: P and Q are loaded at their own shapes (a tile
-        acc = tl.zeros(shape.shape, dtype=tl.float32)  # loads BM + BN factor values per rank, not BM * BN)
+        shape, so merge and unmerge agree bit for bit even on different tiles (and R of 8 to 64 costs 8 to 64 FMAs
+        per element: no tensor-core tile, no layout shuffles). A tile loads BM + BN factor values per rank."""
+        rows, cols = offs_m[:, None], offs_n[None, :]  # P and Q loaded at their own shapes, [BM, 1] and [1, BN]
+        row_ok, col_ok = rows < M, cols < N
+        acc = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=tl.float32)
         for a in tl.static_range(NA):
-            p_ptr = _aligned(F0, tl.load(P_tab + layer * NA + a))  # F0: the snapshot (build_group aligns every
-            q_ptr = _aligned(F0, tl.load(Q_tab + layer * NA + a))  # factor to 16 bytes): rows load as vectors
+            p_ptr = _aligned(F0, tl.load(P_tab + layer * NA + a))  # build_group aligns every factor to 16 bytes:
+            q_ptr = _aligned(F0, tl.load(Q_tab + layer * NA + a))  # its rows load as vectors
             s = tl.load(S_tab + layer * NA + a).to(tl.float32)
             for r in range(R):
                 p = tl.load(p_ptr + rows * spm + r * spr, mask=row_ok, other=0.0) * s
@@ -128,26 +111,17 @@ if triton is not None:
         return offs_m, offs_n, mask, offs_m[:, None] * N + offs_n[None, :]  # int32: build_group checks M * N
 
     @triton.jit
-    def _merge_tile(W0, W_tab, F0, P_tab, Q_tab, S_tab, M, N, spm, spr, sqr, sqn, NA: tl.constexpr, R: tl.constexpr,
-                    BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """This program's tile of a merge: (layer, flat offsets, in-bounds mask, the weight's pointer, W, W', the
-        correction before the int8 check, W' non-finite), shared by both merge modes."""
+    def _merge_kernel(W0, W_tab, C0, F0, P_tab, Q_tab, S_tab, counts, ov_layer, ov_index, ov_value, capacity,
+                      M, N, spm, spr, sqr, sqn, NA: tl.constexpr, R: tl.constexpr,
+                      BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """counts: [layers] non-finite W' per layer, then [1] the overflow slots asked for (the cursor)."""
+        tl.static_assert(BLOCK_M * BLOCK_N < 65536, "the two counts share one int32 reduction")
         layer = tl.program_id(2)
         offs_m, offs_n, mask, flat = _tile(M, N, BLOCK_M, BLOCK_N)
         w_ptr = _aligned(W0, tl.load(W_tab + layer))
         w = tl.load(w_ptr + flat, mask=mask, other=0.0)
         delta = _delta(F0, P_tab, Q_tab, S_tab, layer, offs_m, offs_n, M, N, NA, R, spm, spr, sqr, sqn)
         new, diff, bad = _merged(w, delta, BITS)
-        return layer, flat, mask, w_ptr, w, new, diff, bad
-
-    @triton.jit
-    def _merge_kernel(W0, W_tab, C0, F0, P_tab, Q_tab, S_tab, counts, ov_layer, ov_index, ov_value, capacity,
-                      M, N, spm, spr, sqr, sqn, NA: tl.constexpr, R: tl.constexpr,
-                      BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """counts: [layers] non-finite W' per layer, then [1] the overflow slots asked for (the cursor)."""
-        tl.static_assert(BLOCK_M * BLOCK_N < 65536, "the two counts share one int32 reduction")
-        layer, flat, mask, w_ptr, w, new, diff, bad = _merge_tile(W0, W_tab, F0, P_tab, Q_tab, S_tab, M, N, spm, spr,
-                                                                  sqr, sqn, NA, R, BITS, BLOCK_M, BLOCK_N)
         keep = mask & bad  # NaN or +-inf: leave W as it is
         over = mask & ~keep & ((diff > 127) | (diff < -127))
         o = over.to(tl.int32)
@@ -167,72 +141,6 @@ if triton is not None:
         c = tl.where(keep, -128, tl.where(over, 0, diff))  # -128: UNCHANGED
         tl.store(w_ptr + flat, new, mask=mask & ~keep)
         tl.store(C0 + layer.to(tl.int64) * M * N + flat, c.to(tl.int8), mask=mask)
-
-    @triton.jit
-    def _merge_stream_kernel(W0, W_tab, C0, F0, P_tab, Q_tab, S_tab, M, N, spm, spr, sqr, sqn, NA: tl.constexpr,
-                             R: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """TWO_PASS, pass 1: `_merge_kernel` without its counts, atomics and prefix sums. An element whose W' is not
-        finite or whose correction does not fit int8 is left unwritten and marked UNCHANGED; `_compact_kernel`
-        settles it."""
-        layer, flat, mask, w_ptr, w, new, diff, bad = _merge_tile(W0, W_tab, F0, P_tab, Q_tab, S_tab, M, N, spm, spr,
-                                                                  sqr, sqn, NA, R, BITS, BLOCK_M, BLOCK_N)
-        done = ~bad & (diff <= 127) & (diff >= -127)
-        tl.store(w_ptr + flat, new, mask=mask & done)
-        tl.store(C0 + layer.to(tl.int64) * M * N + flat, tl.where(done, diff, -128).to(tl.int8), mask=mask)
-
-    @triton.jit
-    def _compact_kernel(W0, W_tab, C0, F0, P_tab, Q_tab, S_tab, counts, ov_layer, ov_index, ov_value, capacity,
-                        M, N, spm, spr, sqr, sqn, NA: tl.constexpr, R: tl.constexpr, BITS: tl.constexpr,
-                        BLOCK: tl.constexpr, CHUNK: tl.constexpr):
-        """TWO_PASS, pass 2, over BLOCK corrections of one layer: settle the elements the stream pass marked.
-
-        A block without marks costs one int8 load and one reduction. Otherwise one atomic reserves the block's run of
-        overflow slots and a prefix sum places the marked flat indices in it; they are read back CHUNK at a time and
-        settled, so delta is recomputed for the marked elements only. counts: as `_merge_kernel`'s (the slots asked
-        for count every marked element; a non-finite one, listed with its unchanged original, only occurs in a merge
-        that is refused)."""
-        layer = tl.program_id(1)
-        flat = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        c = tl.load(C0 + layer.to(tl.int64) * M * N + flat, mask=flat < M * N, other=0)
-        marked = (c == -128).to(tl.int32)
-        n = tl.sum(marked, 0)
-        if n > 0:
-            start = tl.atomic_add(counts + tl.num_programs(1), n)
-            pos = start + tl.cumsum(marked, 0) - 1
-            if start + n <= capacity:
-                tl.store(ov_index + pos, flat, mask=marked != 0)
-                tl.debug_barrier()  # the entries just listed are read back by other threads of this program
-                for k in range(start, start + n, CHUNK):
-                    slot = k + tl.arange(0, CHUNK)
-                    ok = slot < start + n
-                    idx = tl.load(ov_index + slot, mask=ok, other=0, volatile=True)
-                    _settle(W0, W_tab, F0, P_tab, Q_tab, S_tab, counts, ov_layer, ov_index, ov_value, capacity, layer,
-                            idx, ok, slot, N, spm, spr, sqr, sqn, NA, R, BITS)
-            else:  # the list runs out of slots in this block (rare): settle the whole block in place
-                _settle(W0, W_tab, F0, P_tab, Q_tab, S_tab, counts, ov_layer, ov_index, ov_value, capacity, layer,
-                        flat, marked != 0, pos, N, spm, spr, sqr, sqn, NA, R, BITS)
-
-    @triton.jit
-    def _settle(W0, W_tab, F0, P_tab, Q_tab, S_tab, counts, ov_layer, ov_index, ov_value, capacity, layer, flat, marked,
-                slot, N, spm, spr, sqr, sqn, NA: tl.constexpr, R: tl.constexpr, BITS: tl.constexpr):
-        """Merge the marked elements `flat` (1-D) from their originals, still in W: W' by `_merged` from the same delta
-        as the stream pass. With a slot: the original goes to the list and a finite W' into W (c stays UNCHANGED:
-        unmerge leaves W' there, the scatter writes the original). A non-finite W' is counted and never written; an
-        element without a slot (list full) is left as it is, unlisted: the host redoes the group."""
-        w_ptr = tl.load(W_tab + layer).to(W0.dtype)
-        w = tl.load(w_ptr + flat, mask=marked, other=0.0)
-        delta = _delta_at(F0, P_tab, Q_tab, S_tab, layer, flat // N, flat % N, marked, marked, NA, R, spm, spr, sqr,
-                          sqn)
-        new, _, bad = _merged(w, delta, BITS)
-        bad = marked & bad
-        n_bad = tl.sum(bad.to(tl.int32), 0)
-        if n_bad > 0:
-            tl.atomic_add(counts + layer, n_bad)
-        listed = marked & (slot < capacity)  # every slot reserved below capacity gets its entry: no holes
-        tl.store(ov_index + slot, flat, mask=listed)
-        tl.store(ov_value + slot, w, mask=listed)
-        tl.store(ov_layer + slot, layer + tl.zeros_like(slot), mask=listed)
-        tl.store(w_ptr + flat, new, mask=listed & ~bad)
 
     @triton.jit
     def _unmerge_kernel(W0, W_tab, O_tab, C0, c_layer0, F0, P_tab, Q_tab, S_tab, M, N, spm, spr, sqr, sqn,
@@ -282,7 +190,7 @@ class Group:
     capacity: int = 0  # overflow slots the last merge pass could fill
     ov_total: int = 0  # entries in the overflow list (set once the merge pass is counted)
     counts: Tensor | None = None  # device [layers + 1] of the last merge pass: non-finite per layer, overflow asked
-    launch: tuple | None = None  # `_launch_args`'s last: (config, {"merge"/"unmerge": (grid, kwargs)}, compaction's)
+    launch: tuple | None = None  # `_launch_args`'s last: (config, {"merge"/"unmerge": (grid, constexpr kwargs)})
 
     def nbytes(self) -> int:
         extra = [self.factors, *self.tables.values()]
@@ -342,10 +250,7 @@ def _launch_args(g: Group, unmerge: bool = False) -> tuple[tuple, dict]:
         for name, prefix in (("merge", ""), ("unmerge", "U_")):
             kw = dict(common, **{k: cfg.get(prefix + k, cfg[k]) for k in _TILE_KEYS})
             tiles[name] = ((triton.cdiv(M, kw["BLOCK_M"]), triton.cdiv(N, kw["BLOCK_N"]), len(g.weights)), kw)
-        block = cfg.get("COMPACT_BLOCK", CONFIG["COMPACT_BLOCK"])
-        compact = ((triton.cdiv(M * N, block), len(g.weights)),
-                   dict(common, BLOCK=block, CHUNK=_CHUNK, num_warps=cfg["num_warps"]))
-        g.launch = (dict(cfg), tiles, compact)
+        g.launch = (dict(cfg), tiles)
     return g.launch[1]["unmerge" if unmerge else "merge"]
 
 
@@ -363,8 +268,7 @@ def shared_counts(layers_per_group: list[int], device: torch.device) -> tuple[Te
 
 
 def launch_merge(g: Group, capacity: int | None = None) -> None:
-    """Write W' and the corrections (no host sync); `g.counts` holds what `finish` reads. One launch, or two with
-    the group's config["TWO_PASS"].
+    """Write W' and the corrections in one launch (no host sync); `g.counts` holds what `finish` reads.
 
     `capacity`: overflow slots to use; the buffers grow to it and are kept. Default: `default_capacity`, or all the
     slots the buffers already have (a list that once ran short does not run short again for the same adapters)."""
@@ -384,15 +288,8 @@ def launch_merge(g: Group, capacity: int | None = None) -> None:
     g.corrections = torch.empty(len(g.weights), M * N, dtype=torch.int8, device=dev)
     grid, kw = _launch_args(g)
     t = g.tables
-    if not g.config.get("TWO_PASS", False):
-        _merge_kernel[grid](g.weights[0], t["W"], g.corrections, g.factors, t["P"], t["Q"], t["S"], g.counts,
-                            g.ov_layer, g.ov_index, g.ov_value, g.capacity, M, N, *g.strides, **kw)
-        return
-    _merge_stream_kernel[grid](g.weights[0], t["W"], g.corrections, g.factors, t["P"], t["Q"], t["S"], M, N,
-                               *g.strides, **kw)
-    cgrid, ckw = g.launch[2]
-    _compact_kernel[cgrid](g.weights[0], t["W"], g.corrections, g.factors, t["P"], t["Q"], t["S"], g.counts, g.ov_layer,
-                           g.ov_index, g.ov_value, g.capacity, M, N, *g.strides, **ckw)
+    _merge_kernel[grid](g.weights[0], t["W"], g.corrections, g.factors, t["P"], t["Q"], t["S"], g.counts,
+                        g.ov_layer, g.ov_index, g.ov_value, g.capacity, M, N, *g.strides, **kw)
 
 
 def finish(groups: list[Group], counts: Tensor | None = None) -> list[tuple[list[int], int]]:

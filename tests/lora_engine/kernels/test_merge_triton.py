@@ -2,8 +2,8 @@
 
 The interpreter executes the same kernel source with numpy, so CI (no GPU) proves the arithmetic and the
 bookkeeping: the merge pass counts, bit-exact restore (overflow list included), per-layer restore into a
-separate buffer, both weight layouts, 16- and 32-bit dtypes, in both merge modes (one pass, or CONFIG["TWO_PASS"]:
-a stream pass and a compaction pass, which must write the same W' bit for bit). The GPU run
+separate buffer, both weight layouts, 16- and 32-bit dtypes, and the same W' bit for bit whatever the tiles (merge
+and unmerge on different ones). The GPU run
 (`benchmarks/run_all.py --check`) proves the compiled kernels with lora_engine.kernels.selfcheck.
 """
 import os
@@ -23,9 +23,6 @@ assert mt.triton is not None, "triton is not importable"
 torch.manual_seed(int(sys.argv[1]))
 dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[sys.argv[2]]
 layout = sys.argv[3]
-two_pass = sys.argv[4] == "two"
-# COMPACT_BLOCK 1024: several blocks of corrections per layer, the last one partial
-mt.CONFIG.update(TWO_PASS=two_pass, COMPACT_BLOCK=1024)
 M, N, R, L, NA = 40, 70, 4, 3, 2
 Ws = [(torch.randn(M, N) * 0.02).to(dtype) for _ in range(L)]
 for W in Ws:
@@ -50,15 +47,15 @@ for l in range(L):
     want = (orig[l].float() + delta).to(dtype).float()
     err = ((Ws[l].float() - want).abs() / (want.abs() + delta.abs().max())).max().item()
     assert err <= 4 * eps, f"merged layer {l} off by {err / eps:.2f} eps"
-# the other mode writes the same W' bit for bit: pass 2 recomputes delta with the stream pass's operations
+# other tiles write the same W' bit for bit: delta is the same FMA sequence per element whatever the tile
 others = [o.clone() for o in orig]
 g1 = mt.build_group(others, layout, fac)
-g1.config["TWO_PASS"] = not two_pass
+g1.config.update(BLOCK_M=32, BLOCK_N=16, num_warps=2)
 mt.launch_merge(g1, capacity=asked)
 assert mt.finish([g1]) == [([0] * L, asked)]
-assert all(torch.equal(w.view(torch.uint8), o.view(torch.uint8)) for w, o in zip(Ws, others)), "modes differ"
+assert all(torch.equal(w.view(torch.uint8), o.view(torch.uint8)) for w, o in zip(Ws, others)), "tiles differ"
 mt.restore(g1)
-assert all(torch.equal(w.view(torch.uint8), o.view(torch.uint8)) for w, o in zip(others, orig)), "other mode"
+assert all(torch.equal(w.view(torch.uint8), o.view(torch.uint8)) for w, o in zip(others, orig)), "other tiles"
 g.config = dict(mt.CONFIG, U_BLOCK_M=16, U_BLOCK_N=32)  # delta does not depend on the tiles: unmerge on others
 out = [torch.empty_like(Ws[1])]
 mt.restore(g, out=out, only=1)
@@ -84,12 +81,11 @@ print("ok")
 '''
 
 
-@pytest.mark.parametrize("mode", ["one", "two"])  # CONFIG["TWO_PASS"]
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])
-def test_fused_merge_kernels_exact_in_triton_interpreter(dtype, layout, mode):
+def test_fused_merge_kernels_exact_in_triton_interpreter(dtype, layout):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    p = subprocess.run([sys.executable, "-c", SCRIPT, "3", dtype, layout, mode], env=env, capture_output=True,
+    p = subprocess.run([sys.executable, "-c", SCRIPT, "3", dtype, layout], env=env, capture_output=True,
                        text=True, timeout=600)
     assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]
 
@@ -104,7 +100,6 @@ from lora_engine import LoRASpec, inject_lora, lora_layers, merge, set_blend, un
 from lora_engine.kernels import merge_triton as mt
 mm = sys.modules["lora_engine.merge"]
 mt.available = lambda weights, factors: True  # CPU tensors stand in for CUDA ones: the interpreter runs the kernels
-mt.CONFIG["TWO_PASS"] = sys.argv[1] == "two"
 torch.manual_seed(0)
 model = nn.Module()
 model.blk = nn.Module()
@@ -296,12 +291,11 @@ print("ok")
 '''
 
 
-@pytest.mark.parametrize("mode", ["one", "two"])  # CONFIG["TWO_PASS"]
-def test_merge_py_fused_path_plans_reuses_invalidates_restores_and_refuses_in_interpreter(mode):
+def test_merge_py_fused_path_plans_reuses_invalidates_restores_and_refuses_in_interpreter():
     """merge() / unmerge() on the fused path (the CUDA path; CPU tensors through Triton's interpreter): merges within
     1 eps of float64, bit-exact unmerges, the kept plan reused only while nothing it was built from changed (an
     in-place step, replaced storage, blend weights, scales, the active blend, a removed module), the short overflow
     list, per-layer base weights, a whole-merge unmerge from a submodule, refusals with a fresh and a kept plan."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    p = subprocess.run([sys.executable, "-c", MERGE_PY, mode], env=env, capture_output=True, text=True, timeout=600)
+    p = subprocess.run([sys.executable, "-c", MERGE_PY], env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]
