@@ -25,9 +25,15 @@ def base_linear(x: Tensor, weight: Tensor, bias: Tensor | None, layout: str) -> 
     """The base layer alone, computed exactly as nn.Linear / transformers Conv1D compute it."""
     if layout == "out_in":
         return F.linear(x, weight, bias)
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # the fast paths pass 2-D x: no reshape, no view
     y = torch.addmm(bias, x2, weight) if bias is not None else x2 @ weight
-    return y.view(*x.shape[:-1], weight.shape[1])
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[1])
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t.to(dtype), without the call when t already has it: a no-op `.to` still costs a few us of host per call,
+    and the training path asks six times per layer and step (host time is what these steps are bound by)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def scale_rows(h: Tensor, d: Tensor, batch: int) -> Tensor:
@@ -139,8 +145,8 @@ def lora_backward(dy2: Tensor, x2: Tensor, weight: Tensor, Ac: Tensor, Bc: Tenso
     parameters' own dtypes: fp32 masters), written straight from the low-precision GEMM where torch can. In the
     "cat" form dy [W^T | Bc] = [dx's base part | u] is one GEMM when dx is wanted."""
     ct, rank_terms = x2.dtype, form != "gemm"
-    dy2 = dy2.to(ct)
-    w = weight.to(ct) if needs[0] else None
+    dy2 = _as(dy2, ct)
+    w = _as(weight, ct) if needs[0] else None
     wt = None if w is None else (w if layout == "out_in" else w.t())  # [out, in]
     if form == "cat" and wt is not None:
         dxu = dy2 @ torch.cat([wt, Bc], 1)
@@ -172,7 +178,7 @@ class _LoRALinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, d, s, layout, casts, form):
         ct = compute_dtype(x)
-        x2 = x.reshape(-1, x.shape[-1]).to(ct)
+        x2 = _as(x.reshape(-1, x.shape[-1]), ct)
         Ac, Bc = casts if casts is not None and casts[0].dtype == ct else (A.to(ct), B.to(ct))
         y, h = lora_forward(x2, weight, bias, Ac, Bc, d, s, x.shape[0], layout, form)
         ctx.save_for_backward(x2, weight, Ac, Bc, h, d)
@@ -187,7 +193,7 @@ class _LoRALinearFn(torch.autograd.Function):
         dx, dA, dB = lora_backward(dy.reshape(-1, dy.shape[-1]), x2, weight, Ac, Bc, h, d, ctx.s, ctx.x_shape[0],
                                    ctx.layout, (need[0], need[3], need[4]), ctx.grad_dtypes, ctx.form)
         if dx is not None:
-            dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
+            dx = _as(dx.view(ctx.x_shape), ctx.x_dtype)
         return dx, None, None, dA, dB, None, None, None, None, None
 
 
@@ -216,7 +222,7 @@ def fold_scale(B: Tensor, d: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _base_in(x2: Tensor, weight: Tensor, bias: Tensor | None, ct: torch.dtype, layout: str) -> Tensor:
     """The base layer on 2-D x in the compute dtype, into a fresh buffer the LoRA term is accumulated into."""
-    return base_linear(x2, weight.to(ct), None if bias is None else bias.to(ct), layout)
+    return base_linear(x2, _as(weight, ct), None if bias is None else _as(bias, ct), layout)
 
 
 def lora_linear_cached(x: Tensor, weight: Tensor, bias: Tensor | None, Ac: Tensor, Bd: Tensor,
@@ -224,7 +230,7 @@ def lora_linear_cached(x: Tensor, weight: Tensor, bias: Tensor | None, Ac: Tenso
     """Inference: y = base(x) + ((x Ac^T) [* rows]) Bd^T with factors already cast (and d folded into Bd
     unless it is per row): two small GEMMs and nothing else per layer."""
     ct = Ac.dtype
-    x2 = x.reshape(-1, x.shape[-1]).to(ct)
+    x2 = _as(x.reshape(-1, x.shape[-1]), ct)
     y = _base_in(x2, weight, bias, ct, layout)
     h = x2 @ Ac.t()
     if rows is not None:
