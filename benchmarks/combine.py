@@ -7,7 +7,9 @@ the run it came from: for when the suite ran in more than one call of the device
         --rename train_compiled_r8_vs_peft_compiled=train_compiled_r8_gemm_form_vs_peft_compiled
 
 `--rename OLD=NEW` (in order) renames a row after the sections are taken, e.g. when the default form of a row
-changed after the run that measured both forms side by side; the row keeps `renamed_from`.
+changed after the run that measured both forms side by side; the row keeps `renamed_from`. `--row KEY=PATH` then
+sets a row from a value the sections carry (PATH: dotted keys into the combined result, e.g.
+train_compiled.first_step_s.ours_r8_rank1_form); the row keeps `from`.
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ BLOCKS = {"checks": ("checks",), "merge": ("merge", "merge_tiles"),
           "train": ("train_eager", "train_compiled"), "unifiedvoice": ("unifiedvoice",)}
 
 
-def combine(parts: list[tuple[Path, list[str]]], renames: list[tuple[str, str]]) -> dict:
+def combine(parts: list[tuple[Path, list[str]]], renames: list[tuple[str, str]],
+            rows: list[tuple[str, str]] = ()) -> dict:
     first = json.loads(parts[0][0].read_text())
     out = {k: first[k] for k in ("gpu", "date", "versions")}
     out.update(command="python benchmarks/combine.py " + " ".join(sys.argv[1:]), ratios={}, errors={}, sources={})
@@ -53,6 +56,13 @@ def combine(parts: list[tuple[Path, list[str]]], renames: list[tuple[str, str]])
         if old not in out["ratios"]:
             raise SystemExit(f"--rename {old}={new}: no row {old}")
         out["ratios"][new] = dict(out["ratios"].pop(old), renamed_from=old)
+    for key, path in rows:
+        value = out
+        for part in path.split("."):
+            if not isinstance(value, dict) or part not in value:
+                raise SystemExit(f"--row {key}={path}: nothing at {part!r}")
+            value = value[part]
+        out["ratios"][key] = {"value": value, "from": path}
     return out
 
 
@@ -61,6 +71,7 @@ def main() -> None:
     ap.add_argument("parts", nargs="+", help="RESULTS.json:section,section (sections: " + ", ".join(ROWS) + ")")
     ap.add_argument("--out", required=True, help="stem of the files to write (.json, .md, .png are added)")
     ap.add_argument("--rename", action="append", default=[], help="OLD=NEW: rename a row (applied in order)")
+    ap.add_argument("--row", action="append", default=[], help="KEY=PATH: a row from a value the sections carry")
     args = ap.parse_args()
     parts = []
     for p in args.parts:
@@ -69,7 +80,7 @@ def main() -> None:
             raise SystemExit(f"{p}: give RESULTS.json:sections")
         parts.append((Path(path), sections.split(",")))
     renames = [tuple(r.split("=", 1)) for r in args.rename]
-    res = combine(parts, renames)
+    res = combine(parts, renames, [tuple(r.split("=", 1)) for r in args.row])
     stem = Path(args.out)
     stem.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
     stem.with_suffix(".md").write_text(markdown(res))

@@ -4,7 +4,8 @@ On the H200 host every cuBLAS call costs ~40 us of CPU (dispatch, heuristics, la
 is as much host-bound as an eager one (benchmarks/NOTES.md (13), (19)). Measured side by side (bench_train.py, v8b):
   "rank1"  (the default) functional._LoRALinearFn with the up-projections y += (h d) B^T and dx += (u d) A as R
            rank-1 terms (functional.add_product), a pointwise expression Inductor fuses into the neighbouring kernels:
-           four cuBLAS calls per layer beyond the base's two (h = x A^T, u = dy B, dA, dB). 0.91x PEFT's compiled step.
+           four cuBLAS calls per layer beyond the base's two (h = x A^T, u = dy B, dA, dB). 0.91x PEFT's compiled step;
+           its first compiled step takes ~2x longer (more fused kernels to generate: 129 s vs 68 s).
   "gemm"   the same Function with every product a cuBLAS call: six per layer beyond the base's two. 1.02x PEFT.
   "cat"    "rank1" with h and u from the base's own GEMMs: forward x [W; A]^T = [base | h], backward
            dy [W^T | B] = [dx's base part | u]: two cuBLAS calls per layer beyond the base's two (dA, dB). 1.06x PEFT:
