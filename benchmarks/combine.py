@@ -6,7 +6,8 @@ the run it came from: for when the suite ran in more than one call of the device
         results/h200-2026-11-29-v8b.json:train results/h200-2026-11-29-v5.json:unifiedvoice \\
         --rename train_compiled_r8_vs_peft_compiled=train_compiled_r8_gemm_form_vs_peft_compiled
 
-`--rename OLD=NEW` (in order) renames a row after the sections are taken, e.g. when the default form of a row
+A section given by two runs takes each row from the later one that has it (e.g. the eager rows of a re-run beside
+the compiled rows of an earlier run). `--rename OLD=NEW` (in order) renames a row after the sections are taken, e.g. when the default form of a row
 changed after the run that measured both forms side by side; the row keeps `renamed_from`. `--row KEY=PATH` then
 sets a row from a value the sections carry (PATH: dotted keys into the combined result, e.g.
 train_compiled.first_step_s.ours_r8_rank1_form); the row keeps `from`.
@@ -51,7 +52,7 @@ def combine(parts: list[tuple[Path, list[str]]], renames: list[tuple[str, str]],
                 if block in res:
                     out[block] = res[block]
             out["errors"].update({k: v for k, v in res.get("errors", {}).items() if k.startswith(section)})
-        out["sources"][", ".join(sections)] = f"{path.name} ({res['command']})"
+        out["sources"][f"{', '.join(sections)} ({run})"] = f"{path.name}: {res['command']}"
     for old, new in renames:
         if old not in out["ratios"]:
             raise SystemExit(f"--rename {old}={new}: no row {old}")

@@ -33,7 +33,18 @@ def test_sections_come_from_their_runs_with_renames_and_rows(tmp_path):
     assert r["train_compiled_r8_gemm_form_vs_peft_compiled"]["value"] == 1.02
     assert r["first_compile_s"]["value"] == 129.4
     assert res["merge"] == {"kept": 1} and "train_compiled" in res
-    assert set(res["sources"]) == {"checks, merge", "train"}
+    assert set(res["sources"]) == {"checks, merge (v9)", "train (v8b)"}
+
+
+def test_a_later_run_of_a_section_overrides_only_the_rows_it_has(tmp_path):
+    early = _run(tmp_path / "h200-2026-11-29-v8b.json", "run_all --only train",
+                 {"train_eager_r8_vs_peft": {"value": 0.92}, "train_compiled_r8_vs_peft_compiled": {"value": 0.91}})
+    late = _run(tmp_path / "h200-2026-11-29-v10.json", "run_all --only train --no-compile",
+                {"train_eager_r8_vs_peft": {"value": 0.79}})
+    res = combine([(early, ["train"]), (late, ["train"])], [])
+    assert res["ratios"]["train_eager_r8_vs_peft"] == {"value": 0.79, "run": "v10"}
+    assert res["ratios"]["train_compiled_r8_vs_peft_compiled"] == {"value": 0.91, "run": "v8b"}
+    assert set(res["sources"]) == {"train (v8b)", "train (v10)"}
 
 
 def test_unknown_section_rename_or_row_is_refused(tmp_path):
