@@ -129,6 +129,8 @@ def lora_forward(x2: Tensor, weight: Tensor, bias: Tensor | None, Ac: Tensor, Bc
     y = add_product(y, hd, Bc, 1.0 if s is None else s, rank_terms)
     if form == "cat" and bias is not None:
         y = y + bias.float()
+    if not y.is_contiguous():  # "cat" above MAX_UNROLLED_RANK without a bias: still the view of [base | h]
+        y = y.contiguous()
     return (y.to(x2.dtype) if rank_terms else y), h
 
 

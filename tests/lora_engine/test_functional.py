@@ -83,6 +83,28 @@ def test_training_path_forward_and_gradients_match_float64(layout, dtype, ranks,
         assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.0e}"
 
 
+@pytest.mark.parametrize("form", compiled_op.FORMS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_forms_above_the_unrolled_rank_use_gemms_and_match_float64(form, bias):
+    """Ranks above functional.MAX_UNROLLED_RANK take the GEMM up-projection in every form (in "cat" accumulated into
+    the view of [base | h]): the output is still contiguous and equal to the float64 math."""
+    W, b, As, Bs, ws, scales, x = _case("in_out", torch.float32, [Fn.MAX_UNROLLED_RANK + 4], False, 2, 3, 11)
+    d = _stacked_d(ws, scales, [Fn.MAX_UNROLLED_RANK + 4], False)
+    A, B = As[0].clone().requires_grad_(True), Bs[0].clone().requires_grad_(True)
+    xg = x.clone().requires_grad_(True)
+    y = Fn._LoRALinearFn.apply(xg, W, b if bias else None, A, B, d, None, "in_out", None, form)
+    assert y.is_contiguous()
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3))
+    got = torch.autograd.grad(y.mul(dy).sum(), [xg, A, B])
+    ref = [t.double().requires_grad_(True) for t in (x, As[0], Bs[0])]
+    b0 = b if bias else torch.zeros(W.shape[1])
+    yr = _reference(ref[0], W, b0, [ref[1]], [ref[2]], ws, scales, "in_out")
+    want = torch.autograd.grad(yr.mul(dy.double()).sum(), ref)
+    for what, g, w in zip(("y", "dx", "dA", "dB"), (y, *got), (yr, *want)):
+        err = (g.double() - w).norm() / w.norm()
+        assert err <= 1e-5, f"{form} {what}: relative error {err:.2e}"
+
+
 def test_uniform_scale_is_folded_and_equals_the_tensor_scale_path():
     """The alpha-folded single-adapter path and the generic tensor-d path give the same forward and grads."""
     W, b, As, Bs, ws, scales, x = _case("in_out", torch.float32, [4], False, 2, 3, 0)
