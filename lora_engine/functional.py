@@ -120,17 +120,15 @@ def lora_forward(x2: Tensor, weight: Tensor, bias: Tensor | None, Ac: Tensor, Bc
     rank_terms = form != "gemm"
     if form == "cat":
         out_dim = weight.shape[0] if layout == "out_in" else weight.shape[1]
-        y_ext = _base_in(x2, _append_out(weight.to(x2.dtype), Ac, layout), None, x2.dtype, layout)
+        y_ext = _base_in(x2, _append_out(_as(weight, x2.dtype), Ac, layout), None, x2.dtype, layout)
         y, h = y_ext[:, :out_dim], y_ext[:, out_dim:]
     else:
         y = _base_in(x2, weight, bias, x2.dtype, layout)
         h = x2 @ Ac.t()
     hd = scale_rows(h, d.to(x2.dtype), batch) if s is None else h
     y = add_product(y, hd, Bc, 1.0 if s is None else s, rank_terms)
-    if form == "cat" and bias is not None:
-        y = y + bias.float()
-    if not y.is_contiguous():  # "cat" above MAX_UNROLLED_RANK without a bias: still the view of [base | h]
-        y = y.contiguous()
+    if form == "cat":  # above MAX_UNROLLED_RANK without a bias y is still the view of [base | h]
+        y = (y + bias.float()) if bias is not None else y.contiguous()
     return (y.to(x2.dtype) if rank_terms else y), h
 
 
