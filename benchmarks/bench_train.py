@@ -45,6 +45,10 @@ def run(res: dict, args) -> None:
     variants = {"frozen_floor": (base, None, _step_fn(base, x, None, input_grad=True))}
     variants["ours_r8"] = _trainer(add_ours(copy.deepcopy(base), ["a0"], 8), x)
     variants["ours_r16"] = _trainer(add_ours(copy.deepcopy(base), ["a0"], 16), x)
+    cast = add_ours(copy.deepcopy(base), ["a0"], 8)  # ours with the base cast in every pass (no kept cast base)
+    for layer in lora_layers(cast).values():
+        layer.keep_cast_base = False
+    variants["ours_r8_cast_base"] = _trainer(cast, x)
     variants["peft_r8"] = _trainer(add_peft(copy.deepcopy(base), ["a0"], 8), x)
 
     times = time_interleaved({k: v[2] for k, v in variants.items()}, warmup=args.warmup, iters=args.iters)
@@ -59,7 +63,8 @@ def run(res: dict, args) -> None:
                                                             mem["peft_r8"]["peak_bytes"] / 2**30, unit="GiB")
         res["ratios"]["train_peak_mem_r8_vs_frozen_floor"] = _ratio(mem["ours_r8"]["peak_bytes"] / 2**30,
                                                                     mem["frozen_floor"]["peak_bytes"] / 2**30, unit="GiB")
-    del variants["ours_r16"]
+    res["ratios"]["train_eager_r8_cast_base_vs_frozen_floor"] = _ratio(t["ours_r8_cast_base"], t["frozen_floor"])
+    del variants["ours_r16"], variants["ours_r8_cast_base"]
     if args.no_compile:
         return
     # ours in every form compiled_op.py gives dynamo: "ours_r8" in the default (LoRALayer.compiled_form), and the others

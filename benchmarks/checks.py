@@ -74,12 +74,22 @@ def check_training_steps(dev: str, steps: int = 6) -> str:
     want = forward(ref, True)
     moved = _rel(want, before)
     errs = {"training form": _rel(forward(fast, True), want), "no-grad form": _rel(forward(fast, False), want)}
+    grads = []
+    for model in (fast, ref):  # and the gradients: the fast path's come from the kept cast base (train_casts.py)
+        with torch.autocast(dev, dtype=torch.bfloat16):
+            model(inputs_embeds=x, use_cache=False).last_hidden_state.float().square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in lora_parameters(model)]))
+    errs["gradients"] = _rel(*grads)
+    kept = sum(getattr(layer, "_train_casts").base is not None for layer in lora_layers(fast).values())
+    assert kept == len(lora_layers(fast)), f"only {kept} of {len(lora_layers(fast))} layers kept their cast base"
     tol = 2e-2  # bf16 rounding through two blocks (~4e-3 on CPU); stale factors were 0.3 off (moved 0.3-0.7)
     assert moved > 10 * tol, f"{steps} steps moved the output by only {moved:.1e}: the check would not see stale factors"
+    assert errs.pop("gradients") < 2 * tol, f"gradients of the fast path != reference's: {_rel(*grads):.1e}"  # CPU 1.2e-2
     assert max(errs.values()) < tol, (f"after {steps} fused-AdamW steps the fast path != reference: {errs} "
                                       f"(moved {moved:.1e})")
     return (f"{steps} fused-AdamW steps, fast path vs reference with the same parameters: rel err "
-            f"{', '.join(f'{k} {v:.1e}' for k, v in errs.items())} (the steps moved the output {moved:.1e})")
+            f"{', '.join(f'{k} {v:.1e}' for k, v in errs.items())}, gradients {_rel(*grads):.1e} (the steps moved "
+            f"the output {moved:.1e})")
 
 
 def run(res: dict, args) -> None:

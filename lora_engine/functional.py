@@ -116,9 +116,15 @@ def lora_forward(x2: Tensor, weight: Tensor, bias: Tensor | None, Ac: Tensor, Bc
     y = base(x2) + (h * d) Bc^T (`add_product`); `s` (a float) is the scale when the blend is one uniform scale:
     folded into the product's alpha, no kernels. `form` (compiled_op.py): "gemm" three GEMMs; "rank1" the
     up-projection as rank-1 terms; "cat" also h from the base GEMM itself: x2 [W; Ac]^T = [base | h] (the R extra
-    output features ride along in one cuBLAS call), the bias added with the rank-1 terms."""
-    rank_terms = form != "gemm"
-    if form == "cat":
+    output features ride along in one cuBLAS call), the bias added with the rank-1 terms. "kept" (eager): the same
+    GEMM on the [W; Ac] that train_casts.py keeps cast (`weight`, [out + R, in]) with its bias [b; 0]: y is then a
+    view of [base | h] (row stride out + R), h a copy (saving the view would keep the whole buffer)."""
+    rank_terms = _rank_terms(form)
+    if form == "kept":
+        out_dim = weight.shape[0] - Ac.shape[0]
+        y_ext = base_linear(x2, weight, bias, "out_in")
+        y, h = y_ext[:, :out_dim], y_ext[:, out_dim:].contiguous()
+    elif form == "cat":
         out_dim = weight.shape[0] if layout == "out_in" else weight.shape[1]
         y_ext = _base_in(x2, _append_out(_as(weight, x2.dtype), Ac, layout), None, x2.dtype, layout)
         y, h = y_ext[:, :out_dim], y_ext[:, out_dim:]
@@ -130,6 +136,11 @@ def lora_forward(x2: Tensor, weight: Tensor, bias: Tensor | None, Ac: Tensor, Bc
     if form == "cat":  # above MAX_UNROLLED_RANK without a bias y is still the view of [base | h]
         y = (y + bias.float()) if bias is not None else y.contiguous()
     return (y.to(x2.dtype) if rank_terms else y), h
+
+
+def _rank_terms(form: str) -> bool:
+    """Whether `form` adds the up-projections as rank-1 terms (the traced forms) rather than GEMMs."""
+    return form in ("rank1", "cat")
 
 
 def _append_out(w: Tensor, Ac: Tensor, layout: str) -> Tensor:
@@ -144,7 +155,7 @@ def lora_backward(dy2: Tensor, x2: Tensor, weight: Tensor, Ac: Tensor, Bc: Tenso
     """(dx2, dA, dB) for `lora_forward`; `needs` says which are wanted. dA/dB come back in `grad_dtypes` (the
     parameters' own dtypes: fp32 masters), written straight from the low-precision GEMM where torch can. In the
     "cat" form dy [W^T | Bc] = [dx's base part | u] is one GEMM when dx is wanted."""
-    ct, rank_terms = x2.dtype, form != "gemm"
+    ct, rank_terms = x2.dtype, _rank_terms(form)
     dy2 = _as(dy2, ct)
     w = _as(weight, ct) if needs[0] else None
     wt = None if w is None else (w if layout == "out_in" else w.t())  # [out, in]
@@ -172,15 +183,23 @@ class _LoRALinearFn(torch.autograd.Function):
 
     Saved: x (cast once), A/B cast once, and h = x A^T ([N, R]: R/out of y's size; recomputing it would cost a
     kernel launch per layer, which is what dominates at these shapes). The base weight is NOT saved in the
-    compute dtype: it is recast in backward (no copy at all when the base is stored in that dtype).
+    compute dtype: it is recast in backward (no copy at all when the base is stored in that dtype), unless
+    train_casts.py keeps it cast (`casts`: its Copies, whose `base` is [W as [out, in]; Ac]: the "kept" form).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, d, s, layout, casts, form):
         ct = compute_dtype(x)
         x2 = _as(x.reshape(-1, x.shape[-1]), ct)
-        Ac, Bc = casts if casts is not None and casts[0].dtype == ct else (A.to(ct), B.to(ct))
+        if casts is not None and casts.dtype == ct:
+            Ac, Bc = casts.Ac, casts.Bc
+            if casts.base is not None:
+                weight, bias, layout, form = casts.base, casts.bias, "out_in", "kept"
+        else:
+            Ac, Bc = A.to(ct), B.to(ct)
         y, h = lora_forward(x2, weight, bias, Ac, Bc, d, s, x.shape[0], layout, form)
+        if form == "kept":
+            weight = weight[:weight.shape[0] - Ac.shape[0]]  # W [out, in] in ct: dx = dy W reads it, no cast
         ctx.save_for_backward(x2, weight, Ac, Bc, h, d)
         ctx.s, ctx.layout, ctx.x_shape, ctx.x_dtype, ctx.form = s, layout, x.shape, x.dtype, form
         ctx.grad_dtypes = (A.dtype, B.dtype)  # gradients go back in the parameters' dtype (fp32 masters)
@@ -198,12 +217,12 @@ class _LoRALinearFn(torch.autograd.Function):
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, d: Tensor,
-                layout: str, s: float | None = None, casts: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                layout: str, s: float | None = None, casts=None) -> Tensor:
     """Fast path for a frozen base: y = base(x) + ((x A^T) * d) B^T in one output buffer.
 
     `s`: when not None, d is that one uniform scale (the usual single-adapter case), applied in training as the
-    GEMMs' alpha. `casts`: A and B already in the compute dtype (exactly A.to(dtype), B.to(dtype); see
-    train_casts.py), used when that dtype is the one autocast picks. Under no_grad this is the uncached inference
+    GEMMs' alpha. `casts`: train_casts.Copies (A and B already in the compute dtype, exactly A.to(dtype),
+    B.to(dtype), and maybe the base kept cast), used when that dtype is the one autocast picks. Under no_grad this is the uncached inference
     form (layers cache the cast factors and call `lora_linear_cached`).
     """
     check_rows(x, d)

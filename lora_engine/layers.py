@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .functional import (base_linear, check_rows, compute_dtype, fold_scale, lora_embedding, lora_linear,
                          lora_linear_cached, lora_linear_reference)
-from . import compiled_op, optimizer_steps
+from . import compiled_op, optimizer_steps, train_casts
 from .kernels import lora_gemv_triton
 from .train_casts import cast_factors
 
@@ -27,6 +27,7 @@ class LoRALayer(nn.Module):
 
     layout = "out_in"  # how the base weight is stored; "in_out" for Conv1D and Embedding
     compiled_form = "rank1"  # how torch.compile sees a training forward: one of compiled_op.FORMS
+    keep_cast_base = True  # eager training under autocast keeps the cast base weight between steps (train_casts.py)
 
     def __init__(self, base: nn.Module):
         super().__init__()
@@ -233,9 +234,15 @@ def _adapted(layer: LoRALayer, x: Tensor) -> Tensor:
     if torch.is_grad_enabled():
         names = list(layer.blend)
         A, B = layer.factor_pair(names[0]) if len(names) == 1 else layer.stacked(names)
-        casts = cast_factors(layer, A, B, compute_dtype(x)) if len(names) == 1 and A.requires_grad else None
-        return lora_linear(x, layer.weight, layer.bias, A, B, d, layer.layout, layer.uniform_scale, casts)
+        weight, bias = layer.base_params()
+        casts = None
+        if len(names) == 1 and A.requires_grad:
+            ct = compute_dtype(x)
+            kept = layer.keep_cast_base and train_casts.keeps_base(weight, bias, ct)
+            casts = cast_factors(layer, A, B, ct, *((weight, bias, layer.layout) if kept else ()))
+        return lora_linear(x, weight, bias, A, B, d, layer.layout, layer.uniform_scale, casts)
     # no grad, eager: cached cast factors; one fused launch for a few rows (decode), else two small GEMMs
+    train_casts.drop(layer)  # training's copies (the kept cast base above all) are of no use here
     check_rows(x, d)
     Ac, Bd = layer.inference_factors(compute_dtype(x))
     weight, bias = layer.base_params()

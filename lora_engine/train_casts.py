@@ -1,4 +1,5 @@
-"""Low-precision copies of the LoRA factors for training under autocast, refreshed for every layer at once.
+"""Low-precision copies for training under autocast: the LoRA factors, refreshed for every layer at once, and the
+frozen base weight kept cast with A's rows appended.
 
 Under bf16 autocast each training forward needs A and B in bf16. Cast layer by layer that is two kernel launches
 per layer and step (192 at IndexTTS2's GPT shape), and each launch costs more host time than the cast itself. The
@@ -6,6 +7,13 @@ factors only change when the optimizer steps, so each layer keeps its copies, ke
 counters, storage and the optimizer step count (optimizer_steps.py: fused optimizers bump no versions); the first
 layer of a step to find its copies stale refreshes the stale copies of every layer with one multi-tensor copy
 (torch._foreach_copy_), and the layers after it find theirs fresh.
+
+The base weight (frozen, fp32 masters under bf16 autocast) would be cast in every forward and again in every backward:
+two launches and ~6 bytes of traffic per weight element each, per layer and step. A layer instead keeps it cast once,
+as `base` = [W as [out, in]; A_c] ([out + R, in]): A's copy is its last R rows, so the forward's base GEMM gives
+x [W; A]^T = [base(x) | x A^T] in one cuBLAS call, and the backward's dx = dy W reads base[:out]. The price is the
+cast weight kept between steps (2 bytes per element of a targeted bf16-autocast fp32 weight; the frozen floor holds the
+same cast copies from its forward until its backward). `LoRALayer.keep_cast_base = False` turns it off.
 """
 from __future__ import annotations
 
@@ -26,8 +34,11 @@ class Copies(NamedTuple):
     B: Tensor
     dtype: torch.dtype
     stamp: tuple  # `_stamp(A, B)` when copied
-    Ac: Tensor
+    Ac: Tensor  # A.to(dtype): base[out:] when the base is kept
     Bc: Tensor
+    base: Tensor | None = None  # [W as [out, in]; Ac] in dtype
+    bias: Tensor | None = None  # [bias; zeros(R)] in dtype (None: the base has no bias)
+    base_stamp: tuple = ()  # `_base_stamp(weight, bias)` when cast
 
 
 def _stamp(A: Tensor, B: Tensor) -> tuple:
@@ -36,20 +47,39 @@ def _stamp(A: Tensor, B: Tensor) -> tuple:
     return A._version, B._version, A.data_ptr(), B.data_ptr(), optimizer_steps.steps()
 
 
+def _base_stamp(weight: Tensor, bias: Tensor | None) -> tuple:
+    """The frozen base changes only when someone writes it (load_state_dict, merge): versions and storage."""
+    return (weight._version, weight.data_ptr()) + (() if bias is None else (bias._version, bias.data_ptr()))
+
+
 def _fresh(c: Copies | None, A: Tensor, B: Tensor, dtype: torch.dtype) -> bool:
     return c is not None and c.A is A and c.B is B and c.dtype == dtype and c.stamp == _stamp(A, B)
 
 
-def cast_factors(layer, A: Tensor, B: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(A, B) in `dtype`, as A.to(dtype), B.to(dtype) would give them, from the layer's kept copies."""
+def _base_fresh(c: Copies, weight: Tensor | None, bias: Tensor | None) -> bool:
+    if weight is None:
+        return c.base is None
+    return c.base is not None and c.base_stamp == _base_stamp(weight, bias) and (c.bias is None) == (bias is None)
+
+
+def keeps_base(weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> bool:
+    """Whether a training forward in `dtype` may keep this base cast: frozen, and only when it needs a cast at all."""
+    return weight.dtype != dtype and not weight.requires_grad and (bias is None or not bias.requires_grad)
+
+
+def cast_factors(layer, A: Tensor, B: Tensor, dtype: torch.dtype, weight: Tensor | None = None,
+                 bias: Tensor | None = None, layout: str = "out_in") -> Copies:
+    """The layer's Copies: Ac, Bc as A.to(dtype), B.to(dtype) would give them, and with `weight` (frozen, of the
+    given layout) also `base` = [W as [out, in]; Ac] and `bias` = [bias; 0] in `dtype`."""
     c = layer.__dict__.get(ATTR)
-    if not _fresh(c, A, B, dtype):
-        c = _refresh(layer, A, B, dtype)
-    return c.Ac, c.Bc
+    if not _fresh(c, A, B, dtype) or not _base_fresh(c, weight, bias):
+        c = _refresh(layer, A, B, dtype, weight, bias, layout)
+    return c
 
 
 @torch.no_grad()
-def _refresh(layer, A: Tensor, B: Tensor, dtype: torch.dtype) -> Copies:
+def _refresh(layer, A: Tensor, B: Tensor, dtype: torch.dtype, weight: Tensor | None, bias: Tensor | None,
+             layout: str) -> Copies:
     dst, src = [], []
     for other in list(_HOLDERS):  # every other stale copy of the same kind, in the same launch
         c = other.__dict__.get(ATTR)
@@ -58,15 +88,36 @@ def _refresh(layer, A: Tensor, B: Tensor, dtype: torch.dtype) -> Copies:
             src += [c.A, c.B]
             other.__dict__[ATTR] = c._replace(stamp=_stamp(c.A, c.B))
     c = layer.__dict__.get(ATTR)
-    if c is not None and c.Ac.shape == A.shape and c.Bc.shape == B.shape and c.dtype == dtype \
-            and c.Ac.device == A.device:
+    reuse = c is not None and c.Ac.shape == A.shape and c.Bc.shape == B.shape and c.dtype == dtype \
+        and c.Ac.device == A.device and _base_fresh(c, weight, bias)
+    base, bias_c = (c.base, c.bias) if reuse else _cast_base(weight, bias, layout, A.shape[0], dtype)
+    if reuse:
         Ac, Bc = c.Ac, c.Bc
-        dst += [Ac, Bc]
-        src += [A, B]
     else:
-        Ac, Bc = A.detach().to(dtype, copy=True), B.detach().to(dtype, copy=True)
-    if dst:
-        torch._foreach_copy_(dst, [s.detach() for s in src])
-    c = layer.__dict__[ATTR] = Copies(A, B, dtype, _stamp(A, B), Ac, Bc)
+        Ac = A.detach().to(dtype, copy=True) if base is None else base[base.shape[0] - A.shape[0]:]
+        Bc = B.detach().to(dtype, copy=True)
+    dst += [Ac, Bc]
+    src += [A, B]
+    torch._foreach_copy_(dst, [s.detach() for s in src])
+    stamp = () if weight is None else _base_stamp(weight, bias)
+    c = layer.__dict__[ATTR] = Copies(A, B, dtype, _stamp(A, B), Ac, Bc, base, bias_c, stamp)
     _HOLDERS.add(layer)
     return c
+
+
+def _cast_base(weight: Tensor | None, bias: Tensor | None, layout: str, rank: int, dtype: torch.dtype
+               ) -> tuple[Tensor | None, Tensor | None]:
+    """[W as [out, in]; R rows for Ac] and [bias; 0] in `dtype` (the Ac rows are written by the caller)."""
+    if weight is None:
+        return None, None
+    w = weight.detach() if layout == "out_in" else weight.detach().t()
+    base = torch.empty(w.shape[0] + rank, w.shape[1], dtype=dtype, device=w.device)
+    base[:w.shape[0]].copy_(w)
+    bias_c = None if bias is None else torch.cat([bias.detach().to(dtype), bias.new_zeros(rank, dtype=dtype)])
+    return base, bias_c
+
+
+def drop(layer) -> None:
+    """Forget the layer's copies (inference needs none of them: the kept base would only take memory)."""
+    if layer.__dict__.pop(ATTR, None) is not None:
+        _HOLDERS.discard(layer)

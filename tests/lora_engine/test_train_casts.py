@@ -37,7 +37,7 @@ def test_kept_copies_match_fresh_casts_and_refresh_together():
     first, second = (l.__dict__[train_casts.ATTR] for l in layers)
     assert not torch.equal(first.Ac, layers[0].lora_A["v"].detach().to(torch.bfloat16)), "the step changed nothing"
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        Ac, Bc = train_casts.cast_factors(layers[0], layers[0].lora_A["v"], layers[0].lora_B["v"], torch.bfloat16)
+        Ac, Bc = train_casts.cast_factors(layers[0], layers[0].lora_A["v"], layers[0].lora_B["v"], torch.bfloat16)[4:6]
     assert torch.equal(Ac, layers[0].lora_A["v"].detach().to(torch.bfloat16))
     assert torch.equal(Bc, layers[0].lora_B["v"].detach().to(torch.bfloat16))
     e2 = layers[1].__dict__[train_casts.ATTR]  # refreshed by layer 0's miss, in the same multi-tensor copy
@@ -51,7 +51,7 @@ def test_training_with_kept_copies_equals_casting_every_step(monkeypatch, fused)
     a, b = _model(1), _model(1)
     opt_a, opt_b = (torch.optim.AdamW(_params(m), lr=1e-2, fused=fused) for m in (a, b))
     losses_a = [_step(a, opt_a, x) for _ in range(4)]
-    monkeypatch.setattr(train_casts, "cast_factors", lambda layer, A, B, dtype: (A.to(dtype), B.to(dtype)))
+    monkeypatch.setattr(train_casts, "cast_factors", lambda layer, A, B, dtype, *base: None)  # cast in every pass
     import lora_engine.layers as layers_mod
     monkeypatch.setattr(layers_mod, "cast_factors", train_casts.cast_factors)
     losses_b = [_step(b, opt_b, x) for _ in range(4)]
@@ -64,13 +64,13 @@ def test_replaced_parameter_storage_is_noticed():
     model = _model(2)
     layer = lora_layers(model)["0"]
     A, B = layer.lora_A["v"], layer.lora_B["v"]
-    Ac = train_casts.cast_factors(layer, A, B, torch.bfloat16)[0].clone()
+    Ac = train_casts.cast_factors(layer, A, B, torch.bfloat16).Ac.clone()
     A.data = torch.randn_like(A) * 3  # new storage, no version bump
-    Ac2, _ = train_casts.cast_factors(layer, A, B, torch.bfloat16)
+    Ac2 = train_casts.cast_factors(layer, A, B, torch.bfloat16).Ac
     assert torch.equal(Ac2, A.detach().to(torch.bfloat16)) and not torch.equal(Ac, Ac2)
     clone = copy.deepcopy(model)  # a copy's layer gets its own copies, never the original's
     cl = lora_layers(clone)["0"]
-    Ac3, _ = train_casts.cast_factors(cl, cl.lora_A["v"], cl.lora_B["v"], torch.bfloat16)
+    Ac3 = train_casts.cast_factors(cl, cl.lora_A["v"], cl.lora_B["v"], torch.bfloat16).Ac
     assert Ac3.data_ptr() != Ac2.data_ptr() and torch.equal(Ac3, Ac2)
 
 
@@ -88,3 +88,112 @@ def test_no_grad_forward_after_a_fused_optimizer_step_sees_the_new_factors():
         fresh = copy.deepcopy(model)(x)  # a copy has no cache: its factors are cast anew
     assert not torch.equal(before, after)
     assert torch.equal(after, fresh)
+
+
+def _kept_layer(kind: str, bias: bool, seed: int):
+    torch.manual_seed(seed)
+    from transformers.pytorch_utils import Conv1D
+    base = nn.Linear(24, 40, bias=bias) if kind == "linear" else Conv1D(40, 24)
+    if kind == "conv" and not bias:
+        base.bias = None
+    model = nn.Sequential(base).requires_grad_(False)
+    from lora_engine import LoRASpec, inject_lora
+    inject_lora(model, LoRASpec(["0"], rank=4, alpha=8), "v")
+    layer = lora_layers(model)["0"]
+    with torch.no_grad():
+        layer.lora_B["v"].normal_(0, 0.3)
+        if bias:
+            layer.bias.normal_(0, 0.3)
+    return model, layer
+
+
+def _reference64(layer, x):
+    """float64 forward and gradients (x, A, B) of the same layer, from the bf16-rounded operands autocast uses."""
+    r = lambda t: t.detach().to(torch.bfloat16).double()  # noqa: E731
+    W = r(layer.weight) if layer.layout == "out_in" else r(layer.weight).t()
+    A, B = r(layer.lora_A["v"]).requires_grad_(), r(layer.lora_B["v"]).requires_grad_()
+    xd = r(x).requires_grad_()
+    y = xd @ W.t() + layer.scaling["v"] * (xd @ A.t()) @ B.t()
+    if layer.bias is not None:
+        y = y + r(layer.bias)
+    return y, xd, A, B
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_kept_base_forward_and_gradients_equal_float64(kind, bias):
+    """The "kept" form: [W; Ac] cast once, [base | h] from one GEMM, y a view of it, dx from the kept W."""
+    model, layer = _kept_layer(kind, bias, seed=5)
+    x = torch.randn(2, 6, 24, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    kept = layer.__dict__[train_casts.ATTR]
+    assert kept.base is not None and kept.base.shape == (44, 24), "the base was not kept"
+    assert kept.Ac.data_ptr() == kept.base[40:].data_ptr(), "Ac is not the kept base's last rows"
+    g = torch.randn_like(y, dtype=torch.float32)
+    y.float().backward(g)
+    ref, xd, A, B = _reference64(layer, x)
+    ref.backward(g.double())
+    tol = 2e-2
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 6, 40)
+    assert (y.double() - ref).abs().max() <= tol * ref.abs().max()
+    for got, want in ((x.grad, xd.grad), (layer.lora_A["v"].grad, A.grad), (layer.lora_B["v"].grad, B.grad)):
+        assert got.dtype == torch.float32
+        assert (got.double() - want).abs().max() <= tol * want.abs().max(), "gradient off"
+
+
+def test_kept_base_follows_the_base_and_is_dropped_for_inference():
+    model, layer = _kept_layer("linear", True, seed=6)
+    x = torch.randn(5, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x).float().sum().backward()
+    first = layer.__dict__[train_casts.ATTR].base
+    with torch.no_grad():
+        layer.weight.mul_(-2.0)  # the frozen base written in place (as load_state_dict does)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    kept = layer.__dict__[train_casts.ATTR]
+    assert kept.base is not first and torch.equal(kept.base[:40], layer.weight.detach().to(torch.bfloat16))
+    want = torch.nn.functional.linear(x, layer.weight, layer.bias) + layer.scaling["v"] * (
+        x @ layer.lora_A["v"].detach().t()) @ layer.lora_B["v"].detach().t()
+    assert (y.float() - want).abs().max() <= 2e-2 * want.abs().max()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+    assert train_casts.ATTR not in layer.__dict__, "inference kept training's cast base"
+
+
+def test_kept_base_off_and_bf16_bases_keep_nothing():
+    model, layer = _kept_layer("linear", True, seed=7)
+    x = torch.randn(5, 24)
+    layer.keep_cast_base = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        off = model(x)
+    assert layer.__dict__[train_casts.ATTR].base is None
+    layer.keep_cast_base = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        on = model(x)
+    assert layer.__dict__[train_casts.ATTR].base is not None
+    assert (on.float() - off.float()).abs().max() <= 2e-2 * off.float().abs().max()
+    model.to(torch.bfloat16)  # a base already in the compute dtype needs no cast: nothing kept
+    layer.lora_A["v"].data = layer.lora_A["v"].data.float()
+    layer.lora_B["v"].data = layer.lora_B["v"].data.float()
+    model(x.to(torch.bfloat16))
+    assert layer.__dict__[train_casts.ATTR].base is None
+
+
+def test_training_after_an_evaluation_rebuilds_what_the_evaluation_dropped():
+    model, layer = _kept_layer("linear", True, seed=8)
+    other = _kept_layer("linear", False, seed=9)[0]
+    opt = torch.optim.AdamW([p for m in (model, other) for p in _params(m)], lr=1e-2)
+    x = torch.randn(5, 24)
+    for _ in range(2):
+        _step(model, opt, x)
+        _step(other, opt, x)
+        with torch.no_grad():
+            model(x)  # drops model's copies; `other` keeps its own and goes stale at the next step
+    _step(other, opt, x)  # refreshes the stale copies of every layer still holding some
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    kept = layer.__dict__[train_casts.ATTR]
+    assert torch.equal(kept.Ac, layer.lora_A["v"].detach().to(torch.bfloat16))
+    assert torch.equal(kept.base[:40], layer.weight.detach().to(torch.bfloat16)) and y.dtype == torch.bfloat16
