@@ -25,19 +25,17 @@ from benchmarks.models import add_ours, build_base, gpt_config  # noqa: E402
 from lora_engine import lora_layers, merge, unmerge  # noqa: E402
 from lora_engine.kernels import merge_triton  # noqa: E402
 
-# (merge tile, unmerge tile) per row, each (BLOCK_M, BLOCK_N, num_warps, TILES): the two are timed separately, so one
-# row tries one of each. The first row is the configured one, the last the configuration before NOTES (18); the others
-# keep 4-8 elements per thread (merge 56-98 registers, unmerge 32-48 in ptxas for sm_90: 20-64 warps per SM, where 32
-# elements per thread took 255 and 8), and TILES > 1 lets one program stream several tiles (NOTES (21)).
+# (merge tile, unmerge tile) per row: the two are timed separately, so one row tries one of each. The first row is the
+# configured one, the last the configuration before NOTES (18); the others keep 4-8 elements per thread (merge 56-98
+# registers, unmerge 32-48 in ptxas for sm_90: 20-64 warps per SM, where 32 elements per thread took 255 and 8).
 def _tiles(m, u):
-    return dict(BLOCK_M=m[0], BLOCK_N=m[1], num_warps=m[2], TILES=m[3], num_stages=1,
-                U_BLOCK_M=u[0], U_BLOCK_N=u[1], U_num_warps=u[2], U_TILES=u[3])
+    return dict(BLOCK_M=m[0], BLOCK_N=m[1], num_warps=m[2], num_stages=1,
+                U_BLOCK_M=u[0], U_BLOCK_N=u[1], U_num_warps=u[2])
 
 
-PAIRS = [((8, 64, 4, 1), (8, 128, 4, 1)), ((8, 64, 4, 2), (8, 128, 4, 2)), ((8, 64, 4, 4), (8, 128, 4, 4)),
-         ((8, 64, 4, 8), (8, 256, 8, 1)), ((8, 128, 8, 2), (8, 64, 2, 4)), ((8, 32, 2, 4), (8, 64, 4, 4)),
-         ((16, 64, 8, 2), (16, 64, 4, 2)), ((4, 128, 4, 2), (4, 128, 4, 1)), ((8, 64, 2, 1), (8, 128, 8, 2)),
-         ((64, 64, 4, 1), (64, 64, 4, 1))]
+PAIRS = [((8, 64, 4), (8, 256, 8)), ((8, 128, 8), (8, 128, 4)), ((16, 64, 8), (16, 64, 4)), ((8, 32, 2), (8, 64, 2)),
+         ((4, 128, 4), (4, 128, 4)), ((4, 256, 8), (8, 128, 8)), ((8, 64, 2), (16, 128, 8)), ((8, 128, 4), (8, 64, 4)),
+         ((64, 64, 4), (64, 64, 4))]
 CONFIGS = [_tiles(m, u) for m, u in PAIRS]
 
 
@@ -87,8 +85,8 @@ def main() -> None:
     if ok:  # the merge tile and the unmerge tile are independent (delta does not depend on the tiles): each one's best
         m = min(ok, key=lambda r: r["merge_ms"] + r["blend4_merge_ms"])
         u = min(ok, key=lambda r: r["unmerge_ms"] + r["blend4_unmerge_ms"])
-        best["merge_tile"] = {k: m[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "TILES", "merge_ms", "blend4_merge_ms")}
-        best["unmerge_tile"] = {k: u[k] for k in ("U_BLOCK_M", "U_BLOCK_N", "U_num_warps", "U_TILES", "unmerge_ms",
+        best["merge_tile"] = {k: m[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "merge_ms", "blend4_merge_ms")}
+        best["unmerge_tile"] = {k: u[k] for k in ("U_BLOCK_M", "U_BLOCK_N", "U_num_warps", "unmerge_ms",
                                                   "blend4_unmerge_ms")}
         print("best merge tile:", json.dumps(best["merge_tile"]))
         print("best unmerge tile:", json.dumps(best["unmerge_tile"]))

@@ -35,9 +35,9 @@ except ImportError:  # the CPU wheel has no triton: merge.py uses its PyTorch pa
 # carries the overflow reductions and needs more registers per element). The tiles are small on purpose: at 32
 # elements per thread both kernels needed 240-255 registers (ptxas), 8 warps per SM, too few loads in flight to
 # stream the weights (NOTES.md (18)). A Group keeps the configuration it was merged with.
-CONFIG = {"BLOCK_M": 8, "BLOCK_N": 64, "TILES": 1, "num_warps": 4, "num_stages": 1,  # best of tune_merge.py (H200)
-          "U_BLOCK_M": 8, "U_BLOCK_N": 128, "U_TILES": 1, "U_num_warps": 4}
-_TILE_KEYS = ("BLOCK_M", "BLOCK_N", "TILES", "num_warps", "num_stages")  # what the tile kernels take of CONFIG
+CONFIG = {"BLOCK_M": 8, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1,  # best of tune_merge.py on an H200
+          "U_BLOCK_M": 8, "U_BLOCK_N": 128, "U_num_warps": 4}
+_TILE_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")  # what the tile kernels take of CONFIG
 UNCHANGED = -128  # correction value of an element the merge pass did not write
 _BITS = {torch.bfloat16: 16, torch.float16: 16, torch.float32: 32}
 
@@ -62,9 +62,7 @@ if triton is not None:
         p = P * s, then acc += p * q): every element's delta is the same sequence of operations whatever the tile
         shape, so merge and unmerge agree bit for bit even on different tiles (and R of 8 to 64 costs 8 to 64 FMAs
         per element: no tensor-core tile, no layout shuffles). A tile loads BM + BN factor values per rank."""
-        rows, cols = offs_m[:, None], offs_n[None, :]
-        zero = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=tl.int32)
-        cols = cols + zero  # Q loaded at the tile's shape: the tile's layout, no shuffle
+        rows, cols = offs_m[:, None], offs_n[None, :]  # P and Q loaded at their own shapes, [BM, 1] and [1, BN]
         row_ok, col_ok = rows < M, cols < N
         acc = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=tl.float32)
         for a in tl.static_range(NA):
@@ -105,67 +103,62 @@ if triton is not None:
         return new, _bits(w, BITS) - _bits(back, BITS), (newf - newf) != 0.0
 
     @triton.jit
-    def _tile(t, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr):
-        """Rows, columns, in-bounds mask and flat element offsets of this program's tile t (of TILES side by side
-        along the columns) of a row-major [M, N] weight."""
+    def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """This program's rows, columns, in-bounds mask and flat element offsets of a row-major [M, N] weight."""
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = (tl.program_id(1) * TILES + t) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         return offs_m, offs_n, mask, offs_m[:, None] * N + offs_n[None, :]  # int32: build_group checks M * N
 
     @triton.jit
     def _merge_kernel(W0, W_tab, C0, F0, P_tab, Q_tab, S_tab, counts, ov_layer, ov_index, ov_value, capacity,
                       M, N, spm, spr, sqr, sqn, NA: tl.constexpr, R: tl.constexpr,
-                      BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr):
+                      BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """counts: [layers] non-finite W' per layer, then [1] the overflow slots asked for (the cursor)."""
         tl.static_assert(BLOCK_M * BLOCK_N < 65536, "the two counts share one int32 reduction")
         layer = tl.program_id(2)
+        offs_m, offs_n, mask, flat = _tile(M, N, BLOCK_M, BLOCK_N)
         w_ptr = _aligned(W0, tl.load(W_tab + layer))
-        c_ptr = C0 + layer.to(tl.int64) * M * N
-        for t in range(TILES):  # a program's tiles side by side: the tables read once, more loads in flight
-            offs_m, offs_n, mask, flat = _tile(t, M, N, BLOCK_M, BLOCK_N, TILES)
-            w = tl.load(w_ptr + flat, mask=mask, other=0.0)
-            delta = _delta(F0, P_tab, Q_tab, S_tab, layer, offs_m, offs_n, M, N, NA, R, spm, spr, sqr, sqn)
-            new, diff, bad = _merged(w, delta, BITS)
-            keep = mask & bad  # NaN or +-inf: leave W as it is
-            over = mask & ~keep & ((diff > 127) | (diff < -127))
-            o = over.to(tl.int32)
-            both = tl.sum(tl.sum(keep.to(tl.int32) * 65536 + o, 1), 0)  # one reduction, two counts (< 65536 each)
-            n_bad, n_over = both >> 16, both & 65535
-            if n_bad > 0:
-                tl.atomic_add(counts + layer, n_bad)
-            if n_over > 0:  # rare: reserve a run of slots for the whole tile with one atomic, then a 2-D prefix sum
-                start = tl.atomic_add(counts + tl.num_programs(2), n_over)
-                row_total = tl.sum(o, 1)
-                pos = start + (tl.cumsum(row_total, 0) - row_total)[:, None] + tl.cumsum(o, 1) - 1
-                stored = over & (pos < capacity)
-                tl.store(ov_index + pos, flat, mask=stored)
-                tl.store(ov_value + pos, w, mask=stored)
-                tl.store(ov_layer + pos, layer + tl.zeros_like(pos), mask=stored)
-                keep = keep | (over & ~stored)  # no slot left: leave unchanged
-            c = tl.where(keep, -128, tl.where(over, 0, diff))  # -128: UNCHANGED
-            tl.store(w_ptr + flat, new, mask=mask & ~keep)
-            tl.store(c_ptr + flat, c.to(tl.int8), mask=mask)
+        w = tl.load(w_ptr + flat, mask=mask, other=0.0)
+        delta = _delta(F0, P_tab, Q_tab, S_tab, layer, offs_m, offs_n, M, N, NA, R, spm, spr, sqr, sqn)
+        new, diff, bad = _merged(w, delta, BITS)
+        keep = mask & bad  # NaN or +-inf: leave W as it is
+        over = mask & ~keep & ((diff > 127) | (diff < -127))
+        o = over.to(tl.int32)
+        both = tl.sum(tl.sum(keep.to(tl.int32) * 65536 + o, 1), 0)  # one reduction for two counts (< 65536 each)
+        n_bad, n_over = both >> 16, both & 65535
+        if n_bad > 0:
+            tl.atomic_add(counts + layer, n_bad)
+        if n_over > 0:  # rare: reserve a run of slots for the whole tile with one atomic, then a 2-D prefix sum
+            start = tl.atomic_add(counts + tl.num_programs(2), n_over)
+            row_total = tl.sum(o, 1)
+            pos = start + (tl.cumsum(row_total, 0) - row_total)[:, None] + tl.cumsum(o, 1) - 1
+            stored = over & (pos < capacity)
+            tl.store(ov_index + pos, flat, mask=stored)
+            tl.store(ov_value + pos, w, mask=stored)
+            tl.store(ov_layer + pos, layer + tl.zeros_like(pos), mask=stored)
+            keep = keep | (over & ~stored)  # no slot left: leave unchanged
+        c = tl.where(keep, -128, tl.where(over, 0, diff))  # -128: UNCHANGED
+        tl.store(w_ptr + flat, new, mask=mask & ~keep)
+        tl.store(C0 + layer.to(tl.int64) * M * N + flat, c.to(tl.int8), mask=mask)
 
     @triton.jit
     def _unmerge_kernel(W0, W_tab, O_tab, C0, c_layer0, F0, P_tab, Q_tab, S_tab, M, N, spm, spr, sqr, sqn,
                         NA: tl.constexpr, R: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, TILES: tl.constexpr):
+                        BLOCK_N: tl.constexpr):
         layer = tl.program_id(2)
+        offs_m, offs_n, mask, flat = _tile(M, N, BLOCK_M, BLOCK_N)
         w_ptr = _aligned(W0, tl.load(W_tab + layer))
         o_ptr = _aligned(W0, tl.load(O_tab + layer))
-        c_ptr = C0 + (c_layer0 + layer).to(tl.int64) * M * N
-        for t in range(TILES):
-            offs_m, offs_n, mask, flat = _tile(t, M, N, BLOCK_M, BLOCK_N, TILES)
-            new = tl.load(w_ptr + flat, mask=mask, other=0.0)
-            c = tl.load(c_ptr + flat, mask=mask, other=0)
-            delta = _delta(F0, P_tab, Q_tab, S_tab, layer, offs_m, offs_n, M, N, NA, R, spm, spr, sqr, sqn)
-            back = (new.to(tl.float32) - delta).to(new.dtype)
-            if BITS == 16:
-                out = (_bits(back, BITS) + c.to(tl.int32)).to(tl.int16).to(new.dtype, bitcast=True)
-            else:
-                out = (_bits(back, BITS) + c.to(tl.int64)).to(tl.int32).to(new.dtype, bitcast=True)
-            tl.store(o_ptr + flat, tl.where(c == -128, new, out), mask=mask)  # -128: UNCHANGED
+        new = tl.load(w_ptr + flat, mask=mask, other=0.0)
+        delta = _delta(F0, P_tab, Q_tab, S_tab, layer, offs_m, offs_n, M, N, NA, R, spm, spr, sqr, sqn)
+        back = (new.to(tl.float32) - delta).to(new.dtype)
+        c = tl.load(C0 + (c_layer0 + layer).to(tl.int64) * M * N + flat, mask=mask, other=0)
+        if BITS == 16:
+            out = (_bits(back, BITS) + c.to(tl.int32)).to(tl.int16).to(new.dtype, bitcast=True)
+        else:
+            out = (_bits(back, BITS) + c.to(tl.int64)).to(tl.int32).to(new.dtype, bitcast=True)
+        tl.store(o_ptr + flat, tl.where(c == -128, new, out), mask=mask)  # -128: UNCHANGED
 
     @triton.jit
     def _scatter_kernel(W0, O_tab, ov_layer, ov_index, ov_value, total, BLOCK: tl.constexpr):
@@ -256,8 +249,7 @@ def _launch_args(g: Group, unmerge: bool = False) -> tuple[tuple, dict]:
         tiles = {}
         for name, prefix in (("merge", ""), ("unmerge", "U_")):
             kw = dict(common, **{k: cfg.get(prefix + k, cfg[k]) for k in _TILE_KEYS})
-            cols = triton.cdiv(triton.cdiv(N, kw["BLOCK_N"]), kw["TILES"])
-            tiles[name] = ((triton.cdiv(M, kw["BLOCK_M"]), cols, len(g.weights)), kw)
+            tiles[name] = ((triton.cdiv(M, kw["BLOCK_M"]), triton.cdiv(N, kw["BLOCK_N"]), len(g.weights)), kw)
         g.launch = (dict(cfg), tiles)
     return g.launch[1]["unmerge" if unmerge else "merge"]
 

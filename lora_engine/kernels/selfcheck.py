@@ -17,7 +17,7 @@ from lora_engine.kernels import merge_triton
 from lora_engine.merge import FusedMergeRecord, base_weight
 
 # the tiles before benchmarks/NOTES.md (18), with other unmerge tiles: merge and unmerge must not depend on them
-OTHER_TILES = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, TILES=2, U_BLOCK_M=32, U_BLOCK_N=64, U_num_warps=8, U_TILES=3)
+OTHER_TILES = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, U_BLOCK_M=32, U_BLOCK_N=64, U_num_warps=8)
 
 
 class _Pair(nn.Module):

@@ -50,13 +50,13 @@ for l in range(L):
 # other tiles write the same W' bit for bit: delta is the same FMA sequence per element whatever the tile
 others = [o.clone() for o in orig]
 g1 = mt.build_group(others, layout, fac)
-g1.config.update(BLOCK_M=32, BLOCK_N=16, num_warps=2, TILES=3)  # a program streams 3 tiles (the last past N)
+g1.config.update(BLOCK_M=32, BLOCK_N=16, num_warps=2)
 mt.launch_merge(g1, capacity=asked)
 assert mt.finish([g1]) == [([0] * L, asked)]
 assert all(torch.equal(w.view(torch.uint8), o.view(torch.uint8)) for w, o in zip(Ws, others)), "tiles differ"
 mt.restore(g1)
 assert all(torch.equal(w.view(torch.uint8), o.view(torch.uint8)) for w, o in zip(others, orig)), "other tiles"
-g.config = dict(mt.CONFIG, U_BLOCK_M=16, U_BLOCK_N=32, U_TILES=2)  # delta does not depend on the tiles: unmerge on others
+g.config = dict(mt.CONFIG, U_BLOCK_M=16, U_BLOCK_N=32)  # delta does not depend on the tiles: unmerge on others
 out = [torch.empty_like(Ws[1])]
 mt.restore(g, out=out, only=1)
 assert torch.equal(out[0], orig[1]) and not torch.equal(Ws[1], orig[1]), "per-layer restore"
