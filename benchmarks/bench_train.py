@@ -11,7 +11,7 @@ import time
 import torch
 
 from .harness import peak_step_bytes, sync, time_interleaved
-from lora_engine import LoRALayer, compiled_op, lora_layers
+from lora_engine import LoRALayer, compiled_op, lora_layers, train_casts
 
 from .models import add_ours, add_peft, build_base, gpt_config, lora_parameters
 
@@ -68,7 +68,8 @@ def run(res: dict, args) -> None:
     if args.no_compile:
         return
     # ours in every form compiled_op.py gives dynamo: "ours_r8" in the default (LoRALayer.compiled_form), and the others
-    others = [f for f in compiled_op.FORMS if f != LoRALayer.compiled_form]
+    wanted = compiled_op.FORMS if args.compiled_forms is None else args.compiled_forms
+    others = [f for f in compiled_op.FORMS if f != LoRALayer.compiled_form and f in wanted]
     for form in others:
         model = add_ours(copy.deepcopy(base), ["a0"], 8)
         for layer in lora_layers(model).values():
@@ -77,6 +78,8 @@ def run(res: dict, args) -> None:
     compiled, first = {}, {}
     for name in ("ours_r8", *(f"ours_r8_{f}_form" for f in others), "peft_r8", "frozen_floor"):
         model, opt, _ = variants[name]  # frozen_floor compiled: what no LoRA can go below
+        if name.startswith("ours"):
+            train_casts.prepare(model, torch.bfloat16)  # as the training loop does: the graph reads the kept casts
         cmodel = torch.compile(model)
         step = _step_fn(cmodel, x, opt, input_grad=name == "frozen_floor")
         sync()

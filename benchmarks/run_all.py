@@ -70,6 +70,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--compiled-forms", nargs="*", default=None,
+                    help="compiled training: time only these of the other compiled_op.FORMS beside the default")
     ap.add_argument("--restore-cycles", type=int, default=1000)
     ap.add_argument("--restore-budget-s", type=float, default=60.0)
     ap.add_argument("--uv-site", default=os.environ.get("UV_SITE"), help="PYTHONPATH entry with indextts + transformers 4.52")

@@ -26,8 +26,12 @@ FORMS = ("gemm", "rank1", "cat")
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, d: Tensor, layout: str,
-                s: float | None = None, form: str = "rank1") -> Tensor:
-    """functional.lora_linear's training form while dynamo traces, in `form` (one of FORMS, see above)."""
+                s: float | None = None, form: str = "rank1", kept=None) -> Tensor:
+    """functional.lora_linear's training form while dynamo traces, in `form` (one of FORMS, see above).
+
+    `kept`: the tensors of the layer's train_casts.Copies with the cast base, made before tracing (train_casts.prepare) and refreshed
+    in place after every optimizer step: the graph then reads the kept [W; A_c] (h from the base GEMM, no cast of W
+    in either pass) and the up-projections stay rank-1 terms ("rank1"); None: `form` as it is."""
     if form not in FORMS:
         raise ValueError(f"LoRALayer.compiled_form must be one of {FORMS}, got {form!r}")
-    return _LoRALinearFn.apply(x, weight, bias, A, B, d, s, layout, None, form)
+    return _LoRALinearFn.apply(x, weight, bias, A, B, d, s, layout, kept, form)

@@ -110,17 +110,18 @@ def add_product(out: Tensor, P: Tensor, Q: Tensor, alpha: float, rank_terms: boo
 
 
 def lora_forward(x2: Tensor, weight: Tensor, bias: Tensor | None, Ac: Tensor, Bc: Tensor, d: Tensor,
-                 s: float | None, batch: int, layout: str, form: str = "gemm") -> tuple[Tensor, Tensor]:
+                 s: float | None, batch: int, layout: str, form: str = "gemm", kept: bool = False
+                 ) -> tuple[Tensor, Tensor]:
     """Training forward on 2-D x2 already in the compute dtype, factors cast: (y, h = x2 Ac^T).
 
     y = base(x2) + (h * d) Bc^T (`add_product`); `s` (a float) is the scale when the blend is one uniform scale:
     folded into the product's alpha, no kernels. `form` (compiled_op.py): "gemm" three GEMMs; "rank1" the
     up-projection as rank-1 terms; "cat" also h from the base GEMM itself: x2 [W; Ac]^T = [base | h] (the R extra
-    output features ride along in one cuBLAS call), the bias added with the rank-1 terms. "kept" (eager): the same
-    GEMM on the [W; Ac] that train_casts.py keeps cast (`weight`, [out + R, in]) with its bias [b; 0]: y is then a
-    view of [base | h] (row stride out + R), h a copy (saving the view would keep the whole buffer)."""
+    output features ride along in one cuBLAS call), the bias added with the rank-1 terms. `kept`: `weight` is the
+    [W; Ac] train_casts.py keeps cast ([out + R, in], "out_in") and `bias` its [b; 0]: the same single GEMM without
+    the cat; y is then a view of [base | h] (row stride out + R), h a copy (saving the view would keep it all)."""
     rank_terms = _rank_terms(form)
-    if form == "kept":
+    if kept:
         out_dim = weight.shape[0] - Ac.shape[0]
         y_ext = base_linear(x2, weight, bias, "out_in")
         y, h = y_ext[:, :out_dim], y_ext[:, out_dim:].contiguous()
@@ -133,7 +134,7 @@ def lora_forward(x2: Tensor, weight: Tensor, bias: Tensor | None, Ac: Tensor, Bc
         h = x2 @ Ac.t()
     hd = scale_rows(h, d.to(x2.dtype), batch) if s is None else h
     y = add_product(y, hd, Bc, 1.0 if s is None else s, rank_terms)
-    if form == "cat":  # above MAX_UNROLLED_RANK without a bias y is still the view of [base | h]
+    if form == "cat" and not kept:  # above MAX_UNROLLED_RANK without a bias y is still the view of [base | h]
         y = (y + bias.float()) if bias is not None else y.contiguous()
     return (y.to(x2.dtype) if rank_terms else y), h
 
@@ -184,21 +185,24 @@ class _LoRALinearFn(torch.autograd.Function):
     Saved: x (cast once), A/B cast once, and h = x A^T ([N, R]: R/out of y's size; recomputing it would cost a
     kernel launch per layer, which is what dominates at these shapes). The base weight is NOT saved in the
     compute dtype: it is recast in backward (no copy at all when the base is stored in that dtype), unless
-    train_casts.py keeps it cast (`casts`: its Copies, whose `base` is [W as [out, in]; Ac]: the "kept" form).
+    train_casts.py keeps it cast (`casts`: its Copies.tensors(), (Ac, Bc, base, bias), `base` [W as [out, in]; Ac] or
+    None: lora_forward's `kept`).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, d, s, layout, casts, form):
         ct = compute_dtype(x)
         x2 = _as(x.reshape(-1, x.shape[-1]), ct)
-        if casts is not None and casts.dtype == ct:
-            Ac, Bc = casts.Ac, casts.Bc
-            if casts.base is not None:
-                weight, bias, layout, form = casts.base, casts.bias, "out_in", "kept"
+        ready = casts is not None and casts[0].dtype == ct
+        kept = ready and casts[2] is not None
+        if ready:
+            Ac, Bc = casts[0], casts[1]
+            if kept:
+                weight, bias, layout = casts[2], casts[3], "out_in"
         else:
             Ac, Bc = A.to(ct), B.to(ct)
-        y, h = lora_forward(x2, weight, bias, Ac, Bc, d, s, x.shape[0], layout, form)
-        if form == "kept":
+        y, h = lora_forward(x2, weight, bias, Ac, Bc, d, s, x.shape[0], layout, form, kept)
+        if kept:
             weight = weight[:weight.shape[0] - Ac.shape[0]]  # W [out, in] in ct: dx = dy W reads it, no cast
         ctx.save_for_backward(x2, weight, Ac, Bc, h, d)
         ctx.s, ctx.layout, ctx.x_shape, ctx.x_dtype, ctx.form = s, layout, x.shape, x.dtype, form
@@ -221,7 +225,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     """Fast path for a frozen base: y = base(x) + ((x A^T) * d) B^T in one output buffer.
 
     `s`: when not None, d is that one uniform scale (the usual single-adapter case), applied in training as the
-    GEMMs' alpha. `casts`: train_casts.Copies (A and B already in the compute dtype, exactly A.to(dtype),
+    GEMMs' alpha. `casts`: train_casts.Copies.tensors() (A and B already in the compute dtype, exactly A.to(dtype),
     B.to(dtype), and maybe the base kept cast), used when that dtype is the one autocast picks. Under no_grad this is the uncached inference
     form (layers cache the cast factors and call `lora_linear_cached`).
     """

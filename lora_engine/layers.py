@@ -217,6 +217,16 @@ class LoRAConv1D(LoRALayer):
         return _adapted(self, x)
 
 
+def training_casts(layer: LoRALayer, A: Tensor, B: Tensor, ct: torch.dtype):
+    """train_casts.Copies.tensors() of a layer training one adapter in `ct` (with the cast base kept where it needs a
+    cast and `keep_cast_base` allows), or None when A is frozen."""
+    if not A.requires_grad:
+        return None
+    weight, bias = layer.base_params()
+    kept = layer.keep_cast_base and train_casts.keeps_base(weight, bias, ct)
+    return cast_factors(layer, A, B, ct, *((weight, bias, layer.layout) if kept else ())).tensors()
+
+
 def _adapted(layer: LoRALayer, x: Tensor) -> Tensor:
     if layer.use_reference():
         names = list(layer.blend)
@@ -227,22 +237,18 @@ def _adapted(layer: LoRALayer, x: Tensor) -> Tensor:
     if torch.compiler.is_compiling():  # plain module attributes for dynamo
         A, B = layer.stacked(list(layer.blend))
         if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad):
-            check_rows(x, d)  # training: the form compiled_op.py gives dynamo
+            check_rows(x, d)  # training: the form compiled_op.py gives dynamo, on the copies made before tracing
+            kept = train_casts.made(layer, A, B, compute_dtype(x))  # (train_casts.prepare), fresh after every step
             return compiled_op.lora_linear(x, layer.weight, layer.bias, A, B, d, layer.layout, layer.uniform_scale,
-                                           layer.compiled_form)
+                                           layer.compiled_form, kept)
         return lora_linear(x, layer.weight, layer.bias, A, B, d, layer.layout, layer.uniform_scale)
     if torch.is_grad_enabled():
         names = list(layer.blend)
         A, B = layer.factor_pair(names[0]) if len(names) == 1 else layer.stacked(names)
         weight, bias = layer.base_params()
-        casts = None
-        if len(names) == 1 and A.requires_grad:
-            ct = compute_dtype(x)
-            kept = layer.keep_cast_base and train_casts.keeps_base(weight, bias, ct)
-            casts = cast_factors(layer, A, B, ct, *((weight, bias, layer.layout) if kept else ()))
+        casts = training_casts(layer, A, B, compute_dtype(x)) if len(names) == 1 else None
         return lora_linear(x, weight, bias, A, B, d, layer.layout, layer.uniform_scale, casts)
     # no grad, eager: cached cast factors; one fused launch for a few rows (decode), else two small GEMMs
-    train_casts.drop(layer)  # training's copies (the kept cast base above all) are of no use here
     check_rows(x, d)
     Ac, Bd = layer.inference_factors(compute_dtype(x))
     weight, bias = layer.base_params()

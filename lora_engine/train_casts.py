@@ -23,6 +23,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
 from . import optimizer_steps
 
 _HOLDERS: "weakref.WeakSet" = weakref.WeakSet()  # layers holding copies (a layer that is gone drops out)
@@ -39,6 +41,10 @@ class Copies(NamedTuple):
     base: Tensor | None = None  # [W as [out, in]; Ac] in dtype
     bias: Tensor | None = None  # [bias; zeros(R)] in dtype (None: the base has no bias)
     base_stamp: tuple = ()  # `_base_stamp(weight, bias)` when cast
+
+    def tensors(self) -> tuple:
+        """(Ac, Bc, base, bias): what the training Function takes (tensors alone: dynamo would guard on the stamps)."""
+        return self.Ac, self.Bc, self.base, self.bias
 
 
 def _stamp(A: Tensor, B: Tensor) -> tuple:
@@ -117,7 +123,54 @@ def _cast_base(weight: Tensor | None, bias: Tensor | None, layout: str, rank: in
     return base, bias_c
 
 
-def drop(layer) -> None:
-    """Forget the layer's copies (inference needs none of them: the kept base would only take memory)."""
-    if layer.__dict__.pop(ATTR, None) is not None:
-        _HOLDERS.discard(layer)
+def made(layer, A: Tensor, B: Tensor, dtype: torch.dtype) -> tuple | None:
+    """The layer's Copies for these parameters in `dtype` as they are, without any check of their freshness: what a
+    torch.compile'd graph reads (dynamo cannot trace the checks). They were made before tracing (`prepare`) and are
+    refreshed after every optimizer step (`_after_step`); None: trace without them."""
+    c = layer.__dict__.get(ATTR)
+    return c.tensors() if c is not None and c.A is A and c.B is B and c.dtype == dtype and c.base is not None else None
+
+
+def prepare(model, dtype: torch.dtype) -> int:
+    """Make the copies (and kept cast bases) of every LoRA layer training one adapter in `dtype` now, before
+    torch.compile traces the model, so that the graph reads them. Returns how many layers have them."""
+    from .layers import training_casts  # layers.py imports this module
+    from .inject import lora_layers
+    n = 0
+    for layer in lora_layers(model).values():
+        if len(layer.blend) == 1:
+            A, B = layer.factor_pair(next(iter(layer.blend)))
+            n += training_casts(layer, A, B, dtype) is not None
+    return n
+
+
+def release(model) -> None:
+    """Forget every LoRA layer's copies (after training: the kept cast bases only take memory for inference)."""
+    from .inject import lora_layers
+    for layer in lora_layers(model).values():
+        if layer.__dict__.pop(ATTR, None) is not None:
+            _HOLDERS.discard(layer)
+
+
+@torch.no_grad()
+def _after_step(optimizer, args, kwargs) -> None:
+    """After every optimizer step: the stale copies of every layer, refreshed with one multi-tensor copy (what the
+    first training forward of the next step would do; a compiled graph cannot), and a base written since it was
+    cast (load_state_dict between steps) forgotten."""
+    dst, src = [], []
+    for layer in list(_HOLDERS):
+        c = layer.__dict__.get(ATTR)
+        if c is None:
+            continue
+        if not _fresh(c, c.A, c.B, c.dtype):
+            dst += [c.Ac, c.Bc]
+            src += [c.A.detach(), c.B.detach()]
+            c = layer.__dict__[ATTR] = c._replace(stamp=_stamp(c.A, c.B))
+        if c.base is not None and not _base_fresh(c, *layer.base_params()):
+            del layer.__dict__[ATTR]  # made again at the next training forward (a compiled graph: retraced)
+            _HOLDERS.discard(layer)
+    if dst:
+        torch._foreach_copy_(dst, src)
+
+
+_HOOK = register_optimizer_step_post_hook(_after_step)  # after optimizer_steps' (imported above: registered first)

@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import synthetic
+from .. import train_casts
 from .checkpoint import (ADAPTER_FILE, STATE_FILE, best_checkpoint, clean_leftovers, latest_checkpoint,
                          list_checkpoints, load_state, prune_checkpoints, rng_state, set_rng_state,
                          write_checkpoint)
@@ -153,6 +154,8 @@ def train(config: TrainConfig, task: Task | None = None) -> TrainResult:
         train_model: nn.Module = model
         if world > 1:
             train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if cfg.compile and amp.dtype is not None:  # the kept casts exist before tracing, so the graph reads them
+            train_casts.prepare(model, amp.dtype)
         step_model = torch.compile(train_model) if cfg.compile else train_model
 
         log = MetricsLog(out_dir, enabled=main, tensorboard=cfg.tensorboard, resume_step=step)
@@ -279,6 +282,7 @@ def train(config: TrainConfig, task: Task | None = None) -> TrainResult:
                 break
 
         # ---- final artifacts: the adapter, the best adapter, the loss curve
+        train_casts.release(model)  # the kept casts (a cast copy of every targeted weight) are of no use after training
         adapter_path = None
         if main:
             adapter_path = out_dir / FINAL_ADAPTER

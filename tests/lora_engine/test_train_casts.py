@@ -33,9 +33,17 @@ def test_kept_copies_match_fresh_casts_and_refresh_together():
     layers = list(lora_layers(model).values())
     opt = torch.optim.SGD(_params(model), lr=0.5)
     x = torch.randn(6, 24)
-    _step(model, opt, x)  # builds the copies (and steps: they are stale now)
+    before = layers[0].lora_A["v"].detach().clone()
+    _step(model, opt, x)  # builds the copies, steps, and the step hook refreshes them
+    assert not torch.equal(before, layers[0].lora_A["v"]), "the step changed nothing"
+    for layer in layers:
+        c = layer.__dict__[train_casts.ATTR]
+        assert train_casts._fresh(c, layer.lora_A["v"], layer.lora_B["v"], torch.bfloat16)
+        assert torch.equal(c.Ac, layer.lora_A["v"].detach().to(torch.bfloat16)), "not refreshed after the step"
     first, second = (l.__dict__[train_casts.ATTR] for l in layers)
-    assert not torch.equal(first.Ac, layers[0].lora_A["v"].detach().to(torch.bfloat16)), "the step changed nothing"
+    with torch.no_grad():
+        for layer in layers:
+            layer.lora_A["v"].mul_(-1.5)  # written outside any optimizer step: every copy is stale
     with torch.autocast("cpu", dtype=torch.bfloat16):
         Ac, Bc = train_casts.cast_factors(layers[0], layers[0].lora_A["v"], layers[0].lora_B["v"], torch.bfloat16)[4:6]
     assert torch.equal(Ac, layers[0].lora_A["v"].detach().to(torch.bfloat16))
@@ -142,7 +150,7 @@ def test_kept_base_forward_and_gradients_equal_float64(kind, bias):
         assert (got.double() - want).abs().max() <= tol * want.abs().max(), "gradient off"
 
 
-def test_kept_base_follows_the_base_and_is_dropped_for_inference():
+def test_kept_base_follows_the_base_and_is_released():
     model, layer = _kept_layer("linear", True, seed=6)
     x = torch.randn(5, 24)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -157,9 +165,8 @@ def test_kept_base_follows_the_base_and_is_dropped_for_inference():
     want = torch.nn.functional.linear(x, layer.weight, layer.bias) + layer.scaling["v"] * (
         x @ layer.lora_A["v"].detach().t()) @ layer.lora_B["v"].detach().t()
     assert (y.float() - want).abs().max() <= 2e-2 * want.abs().max()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        model(x)
-    assert train_casts.ATTR not in layer.__dict__, "inference kept training's cast base"
+    train_casts.release(model)
+    assert train_casts.ATTR not in layer.__dict__ and layer not in train_casts._HOLDERS, "release kept the cast base"
 
 
 def test_kept_base_off_and_bf16_bases_keep_nothing():
@@ -181,19 +188,27 @@ def test_kept_base_off_and_bf16_bases_keep_nothing():
     assert layer.__dict__[train_casts.ATTR].base is None
 
 
-def test_training_after_an_evaluation_rebuilds_what_the_evaluation_dropped():
+def test_optimizer_steps_refresh_every_kept_copy_and_forget_a_rewritten_base():
+    """After a step the copies are fresh without any forward (what a compiled graph reads: train_casts.made); a base
+    written between steps is forgotten, and made again by the next training forward."""
     model, layer = _kept_layer("linear", True, seed=8)
-    other = _kept_layer("linear", False, seed=9)[0]
+    other, layer2 = _kept_layer("conv", True, seed=9)
+    assert train_casts.prepare(model, torch.bfloat16) == 1 and train_casts.prepare(other, torch.bfloat16) == 1
     opt = torch.optim.AdamW([p for m in (model, other) for p in _params(m)], lr=1e-2)
     x = torch.randn(5, 24)
     for _ in range(2):
         _step(model, opt, x)
-        _step(other, opt, x)
         with torch.no_grad():
-            model(x)  # drops model's copies; `other` keeps its own and goes stale at the next step
-    _step(other, opt, x)  # refreshes the stale copies of every layer still holding some
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = model(x)
+            model(x)  # an evaluation between steps keeps them
+        for l in (layer, layer2):
+            kept = train_casts.made(l, l.lora_A["v"], l.lora_B["v"], torch.bfloat16)
+            assert kept is not None and torch.equal(kept.Ac, l.lora_A["v"].detach().to(torch.bfloat16))
+            assert torch.equal(kept.Bc, l.lora_B["v"].detach().to(torch.bfloat16))
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    opt.step()
+    assert train_casts.made(layer, layer.lora_A["v"], layer.lora_B["v"], torch.bfloat16) is None
+    assert train_casts.made(layer2, layer2.lora_A["v"], layer2.lora_B["v"], torch.bfloat16) is not None
+    _step(model, opt, x)
     kept = layer.__dict__[train_casts.ATTR]
-    assert torch.equal(kept.Ac, layer.lora_A["v"].detach().to(torch.bfloat16))
-    assert torch.equal(kept.base[:40], layer.weight.detach().to(torch.bfloat16)) and y.dtype == torch.bfloat16
+    assert torch.equal(kept.base[:40], layer.weight.detach().to(torch.bfloat16))
