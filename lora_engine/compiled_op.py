@@ -12,6 +12,9 @@ is as much host-bound as an eager one (benchmarks/NOTES.md (13), (19)). Measured
            the concatenated weights are written in every step (a copy of W forward and backward that the base's
            plain cast does not make) and the [base | h] output is read strided, which costs more than the calls
            saved.
+With the kept cast base (train_casts.py: the frozen W cast once, A's rows appended; made by train_casts.prepare before
+tracing) "rank1" takes h from the base GEMM and casts no W in either pass: 0.83x PEFT (v12), three cuBLAS calls per
+layer beyond the base's two (u, dA, dB).
 Tried and measured worse: every rank-sized product as an Inductor reduction (Inductor fused them with the GELU
 backward and recomputed it per rank: 1.17x PEFT, kernel time 3x the floor's), and the eager code as opaque
 torch.library ops (the Python of every op call came back: 1.38x PEFT).

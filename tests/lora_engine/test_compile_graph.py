@@ -37,14 +37,16 @@ def test_autocast_availability_is_asked_once_per_device_type(monkeypatch):
     assert calls == ["cpu"]
 
 
-@pytest.mark.parametrize("form, gemms", [("gemm", 2 * 8 - 2), ("rank1", 2 * 5 + 1), ("cat", 2 * 4)])
-def test_compiled_training_forms_trace_their_gemms_and_match_eager_gradients(form, gemms):
+@pytest.mark.parametrize("form, kept, gemms", [("gemm", False, 2 * 8 - 2), ("rank1", False, 2 * 5 + 1),
+                                               ("cat", False, 2 * 4), ("rank1", True, 2 * 4 + 1)])
+def test_compiled_training_forms_trace_their_gemms_and_match_eager_gradients(form, kept, gemms):
     """Both forms torch.compile can see (compiled_op.py) trace into one forward and one backward graph with the
     cuBLAS calls their design says, and the compiled loss and LoRA gradients agree with the eager fast path's to
     bf16 rounding. Per layer: "gemm" runs base, h, y += h B^T forward and u, dx, dx += u A, dA, dB backward;
     "rank1" fuses the two up-projections into pointwise terms and runs dx as one GEMM; "cat" also takes h from the
     base GEMM and u from dx's (base, dA, dB forward and backward). The first layer's input needs no gradient (no dx:
-    two GEMMs fewer in "gemm", one in "rank1"; in "cat" u is then a GEMM of its own)."""
+    two GEMMs fewer in "gemm", one in "rank1"; in "cat" u is then a GEMM of its own). `kept`: "rank1" on the cast
+    base train_casts.prepare keeps ([W; A_c]: h from the base GEMM, no cast of W in the graphs)."""
     import copy
 
     from torch._dynamo.backends.common import aot_autograd
@@ -57,6 +59,9 @@ def test_compiled_training_forms_trace_their_gemms_and_match_eager_gradients(for
     compiled_model = copy.deepcopy(eager)
     for layer in lora_layers(compiled_model).values():
         layer.compiled_form = form
+    if kept:
+        from lora_engine import train_casts
+        assert train_casts.prepare(compiled_model, torch.bfloat16) == 2
     x = torch.randn(3, 16)
     graphs = []
 
@@ -74,6 +79,9 @@ def test_compiled_training_forms_trace_their_gemms_and_match_eager_gradients(for
     ops = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
     count = sum(n.target in ops for g in graphs for n in g.graph.nodes)
     assert len(graphs) == 2 and count == gemms, [str(n.target) for g in graphs for n in g.graph.nodes]
+    casts = [n for n in graphs[0].graph.nodes if n.target == torch.ops.aten._to_copy.default
+             and n.args[0].op == "placeholder" and tuple(n.args[0].meta["val"].shape) in ((32, 16), (8, 32))]
+    assert (len(casts) == 0) == kept, [str(n) for n in casts]  # the casts of the weights: none when kept
     for p in compiled_model.parameters():
         p.grad = None
     torch._dynamo.reset()
