@@ -26,17 +26,16 @@ from lora_engine import lora_layers, merge, unmerge  # noqa: E402
 from lora_engine.kernels import merge_triton  # noqa: E402
 
 # (merge tile, unmerge tile) per row: the two are timed separately, so one row tries one of each. The first row is the
-# configured one; the others keep 4-8 elements per thread (merge 56-98 registers, unmerge 32-48 in ptxas for sm_90:
-# 20-64 warps per SM, where 32 elements per thread took 255 and 8). One-row tiles (BLOCK_M 1): the factor values of
-# P are one scalar per rank and Q's share the weight's layout, so the delta needs no shuffle through shared memory
-# (ttgir: no convert_layout on the main path, NOTES (21)); one warp per program: the counts reduce within the warp.
+# configured one; the others keep 4-8 elements per thread (the streaming merge pass and unmerge need 32-48 registers in
+# ptxas for sm_90, where 32 elements per thread took 255). One-row tiles (BLOCK_M 1): P is one scalar per rank and Q
+# shares the weight's layout, so the delta needs no shuffle through shared memory (NOTES (21)).
 def _tiles(m, u):
     return dict(BLOCK_M=m[0], BLOCK_N=m[1], num_warps=m[2], num_stages=1,
                 U_BLOCK_M=u[0], U_BLOCK_N=u[1], U_num_warps=u[2])
 
 
-PAIRS = [((8, 64, 4), (8, 128, 4)), ((1, 256, 2), (1, 256, 2)), ((1, 512, 4), (1, 512, 4)), ((1, 128, 1), (1, 128, 1)),
-         ((1, 256, 1), (1, 1024, 8)), ((1, 1024, 8), (1, 512, 2)), ((2, 256, 4), (2, 256, 4)), ((8, 32, 2), (8, 64, 4))]
+PAIRS = [((8, 64, 4), (8, 128, 4)), ((8, 128, 4), (8, 64, 4)), ((1, 256, 2), (1, 256, 2)), ((1, 512, 4), (1, 512, 4)),
+         ((4, 128, 4), (4, 128, 4)), ((8, 256, 8), (8, 256, 8)), ((2, 256, 4), (2, 256, 4)), ((16, 64, 4), (16, 64, 4))]
 CONFIGS = [_tiles(m, u) for m, u in PAIRS]
 
 

@@ -77,6 +77,7 @@ class FusedPlan:
     entries: list[tuple[str, LoRALayer]]  # (path, layer) of every merged layer, in lora_layers() order
     layers: list[LoRALayer]  # the layers of `entries`, kept as a list: every merge walks it for the key
     ptrs: list[int]  # each layer's weight storage, where the kernels write
+    target: tuple  # `_target_key(layers, weights)` when it was built: where the kernels write, and with which blend
     groups: list["merge_triton.Group"]
     paths: list[list[str]]  # per group, its layers' paths by slot (to name the layers a refusal is about)
     records: list[FusedMergeRecord]  # per layer, what merge() sets as layer.merged
@@ -256,9 +257,10 @@ def _plan_and_launch(mixes, factors, weights: dict | None) -> FusedPlan:
         for slot, i in enumerate(members):
             records[i] = FusedMergeRecord(weights=mixes[i][2], group=g, slot=slot)
     key = _fused_key(layers, weights)  # read while the GPU merges: a launch moves no version, pointer or record
+    target = _target_key(layers, weights)
     held = [x for per in factors for A, B, _ in per for t in (A, B) for x in (t, t.untyped_storage())]
     plan = FusedPlan(key=key, entries=[(path, layer) for path, layer, _ in mixes], layers=layers,
-                     ptrs=[layer.weight.data_ptr() for layer in layers], groups=built,
+                     ptrs=[layer.weight.data_ptr() for layer in layers], target=target, groups=built,
                      paths=[[mixes[i][0] for i in members] for members in groups.values()], records=records,
                      counts=counts, held=held)
     for rec in records:
@@ -267,21 +269,41 @@ def _plan_and_launch(mixes, factors, weights: dict | None) -> FusedPlan:
 
 
 def _merge_again(model: nn.Module, plan: FusedPlan, weights: dict | None) -> bool:
-    """Merge with a kept plan if nothing it was built from changed; False (nothing written) if it is stale.
+    """Merge with a kept plan if nothing it was built from changed; False (nothing left written) if it is stale.
 
-    The kernels are launched before the model is walked: the walk, which finds layers added, removed, replaced or
-    merged through another module, then runs while the GPU merges, and a model that changed is undone exactly.
+    Before the launch only what makes it safe and likely right is checked (`_target_key`: where the kernels write,
+    the blend, the tiles and the optimizer step count); the rest of the key (each factor's id, version and storage)
+    and the walk of the model, which finds layers added, removed, replaced or merged through another module, run
+    while the GPU merges (measured: the host time before the first launch was ~30% of a merge's time above its
+    kernels, NOTES (21)), and a merge found stale then is undone exactly.
     """
-    key = _fused_key(plan.layers, weights)
-    if plan.merged or key is None or key != plan.key:
+    target = _target_key(plan.layers, weights)
+    if plan.merged or target is None or target != plan.target:
         return False
     _launch(plan)
-    if not _same_layers(model, plan, weights):
+    key = _fused_key(plan.layers, weights)
+    if key is None or key != plan.key or not _same_layers(model, plan, weights):
         merge_triton.finish(plan.groups, plan.counts)  # the overflow totals the undo needs
         _restore(plan)
         return False
     _complete(plan)
     return True
+
+
+def _target_key(layers: list[LoRALayer], weights: dict | None) -> tuple | None:
+    """What a kept plan's launch depends on for its safety (every weight's storage, dtype, shape and contiguity:
+    where the kernels write M x N elements) and for being right in the usual case (the blend asked for, the tiles,
+    the optimizer step count). Cheaper than `_fused_key`, which covers every factor too. None: a blend weight that is
+    not a plain number (no plan is kept for those)."""
+    blend = tuple(weights.items()) if weights is not None else tuple(tuple(l.blend.items()) for l in layers)
+    if not all(type(w) is float or type(w) is int for per in (blend if weights is None else (blend,))
+               for _, w in per):
+        return None
+    key = [tuple(merge_triton.CONFIG.items()), blend, optimizer_steps.steps()]
+    for layer in layers:
+        W = layer._parameters["weight"]
+        key.append((W.data_ptr(), W.dtype, W.shape, W.is_contiguous()))
+    return tuple(key)
 
 
 def _same_layers(model: nn.Module, plan: FusedPlan, weights: dict | None) -> bool:

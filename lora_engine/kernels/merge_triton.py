@@ -35,7 +35,7 @@ except ImportError:  # the CPU wheel has no triton: merge.py uses its PyTorch pa
 # carries the overflow reductions and needs more registers per element). The tiles are small on purpose: at 32
 # elements per thread both kernels needed 240-255 registers (ptxas), 8 warps per SM, too few loads in flight to
 # stream the weights (NOTES.md (18)). A Group keeps the configuration it was merged with.
-CONFIG = {"BLOCK_M": 8, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1,  # best of tune_merge.py on an H200
+CONFIG = {"BLOCK_M": 1, "BLOCK_N": 256, "num_warps": 2, "num_stages": 1,  # best of tune_merge.py on an H200 (v15)
           "U_BLOCK_M": 8, "U_BLOCK_N": 128, "U_num_warps": 4}
 _TILE_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")  # what the tile kernels take of CONFIG
 UNCHANGED = -128  # correction value of an element the merge pass did not write
@@ -139,7 +139,9 @@ if triton is not None:
             tl.store(ov_layer + pos, layer + tl.zeros_like(pos), mask=stored)
             keep = keep | (over & ~stored)  # no slot left: leave unchanged
         c = tl.where(keep, -128, tl.where(over, 0, diff))  # -128: UNCHANGED
-        tl.store(w_ptr + flat, new, mask=mask & ~keep)
+        # an element kept unchanged is written back as it was: the store's mask is then the tile's own, and Triton
+        # stores whole 16-byte vectors (masked by `keep` too, every W' was a 2-byte store of its own: NOTES (21))
+        tl.store(w_ptr + flat, tl.where(keep, w, new), mask=mask)
         tl.store(C0 + layer.to(tl.int64) * M * N + flat, c.to(tl.int8), mask=mask)
 
     @triton.jit

@@ -188,3 +188,26 @@ def test_fused_plan_key_changes_with_everything_a_kept_plan_was_built_from():
     assert _fused_key(layers, {"alice": torch.tensor(0.6)}) is None and _fused_key(layers, {"alice": True}) is None
     layers[0].merged = object()
     assert _fused_key(layers, weights) is None  # a merged layer: never reused
+
+
+def test_target_key_guards_where_a_kept_plan_writes_and_refuses_tensor_weights():
+    """A kept plan is launched once `_target_key` matches, before the rest of its key is read (merge.py): it must
+    change with every weight's storage, dtype and shape, the blend and the tiles, and never compare tensors."""
+    from lora_engine.merge import _target_key
+    model = _gpt2_with_two_adapters(torch.float32)
+    layers = list(lora_layers(model).values())
+    weights = {"alice": 0.6, "bob": -1.3}
+    key = _target_key(layers, weights)
+    assert key == _target_key(layers, dict(weights)) is not None
+    assert _target_key(layers, {"alice": 0.6, "bob": -1.2}) != key
+    W = layers[2].weight
+    with torch.no_grad():
+        W.data = W.detach().clone()  # new storage: the kernels would write to the old one
+    assert _target_key(layers, weights) != key
+    assert _target_key(layers, {"alice": torch.tensor([0.6, 0.2])}) is None
+    set_blend(model, {"alice": torch.tensor([1.0, 0.5])})
+    assert _target_key(layers, None) is None
+    set_blend(model, {"alice": 0.5})
+    blend = _target_key(layers, None)
+    set_blend(model, {"alice": 0.25})
+    assert _target_key(layers, None) != blend is not None

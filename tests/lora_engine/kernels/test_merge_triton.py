@@ -100,7 +100,8 @@ from lora_engine import LoRASpec, inject_lora, lora_layers, merge, set_blend, un
 from lora_engine.kernels import merge_triton as mt
 mm = sys.modules["lora_engine.merge"]
 mt.available = lambda weights, factors: True  # CPU tensors stand in for CUDA ones: the interpreter runs the kernels
-torch.manual_seed(0)
+mt.CONFIG.update(BLOCK_M=8, BLOCK_N=64, num_warps=4)  # the interpreter runs one program at a time: fewer, larger
+torch.manual_seed(0)  # tiles here (the kernels' results do not depend on the tiles: the test above)
 model = nn.Module()
 model.blk = nn.Module()
 model.blk.a, model.blk.b, model.c = nn.Linear(24, 40), nn.Linear(24, 40), Conv1D(48, 24)
