@@ -318,8 +318,9 @@ def _same_layers(model: nn.Module, plan: FusedPlan, weights: dict | None) -> boo
 
 
 def _launch(plan: FusedPlan) -> None:
+    plan.counts.zero_()  # every group's counts at once
     for g in plan.groups:
-        merge_triton.launch_merge(g)
+        merge_triton.launch_merge(g, counts_zeroed=True)
 
 
 def _complete(plan: FusedPlan) -> None:

@@ -54,14 +54,16 @@ def available(weights: list[Tensor], factors: list[Tensor]) -> bool:
 if triton is not None:
     @triton.jit
     def _delta(F0, P_tab, Q_tab, S_tab, layer, offs_m, offs_n, M, N, NA: tl.constexpr, R: tl.constexpr,
-               spm, spr, sqr, sqn):
+               spm, spr, sqr, sqn, UNROLL: tl.constexpr = False):
         """fp32 tile of sum_a s_a P_a Q_a over rows offs_m and columns offs_n; P_a [M, R], Q_a [R, N] addressed by
         strides from the factor snapshot F0 (`build_group`).
 
         Rank-1 updates in a fixed order, one fp32 FMA per rank and element (acc from +0.0; per adapter, per rank:
         p = P * s, then acc += p * q): every element's delta is the same sequence of operations whatever the tile
         shape, so merge and unmerge agree bit for bit even on different tiles (and R of 8 to 64 costs 8 to 64 FMAs
-        per element: no tensor-core tile, no layout shuffles). A tile loads BM + BN factor values per rank."""
+        per element: no tensor-core tile, no layout shuffles). A tile loads BM + BN factor values per rank.
+        UNROLL: the ranks unrolled, every rank's loads in flight at once (the merge pass: 64 registers either way;
+        unmerge keeps the loop, 32 registers instead of 52)."""
         rows, cols = offs_m[:, None], offs_n[None, :]  # P and Q loaded at their own shapes, [BM, 1] and [1, BN]
         row_ok, col_ok = rows < M, cols < N
         acc = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=tl.float32)
@@ -69,11 +71,20 @@ if triton is not None:
             p_ptr = _aligned(F0, tl.load(P_tab + layer * NA + a))  # build_group aligns every factor to 16 bytes:
             q_ptr = _aligned(F0, tl.load(Q_tab + layer * NA + a))  # its rows load as vectors
             s = tl.load(S_tab + layer * NA + a).to(tl.float32)
-            for r in range(R):
-                p = tl.load(p_ptr + rows * spm + r * spr, mask=row_ok, other=0.0) * s
-                q = tl.load(q_ptr + r * sqr + cols * sqn, mask=col_ok, other=0.0)
-                acc += p * q
+            if UNROLL:
+                for r in tl.static_range(R):
+                    acc = _rank_term(acc, p_ptr, q_ptr, s, r, rows, cols, row_ok, col_ok, spm, spr, sqr, sqn)
+            else:
+                for r in range(R):
+                    acc = _rank_term(acc, p_ptr, q_ptr, s, r, rows, cols, row_ok, col_ok, spm, spr, sqr, sqn)
         return acc
+
+    @triton.jit
+    def _rank_term(acc, p_ptr, q_ptr, s, r, rows, cols, row_ok, col_ok, spm, spr, sqr, sqn):
+        """acc + (P[rows, r] * s) * Q[r, cols]: one fp32 FMA per element."""
+        p = tl.load(p_ptr + rows * spm + r * spr, mask=row_ok, other=0.0) * s
+        q = tl.load(q_ptr + r * sqr + cols * sqn, mask=col_ok, other=0.0)
+        return acc + p * q
 
     @triton.jit
     def _aligned(base, address):
@@ -120,7 +131,7 @@ if triton is not None:
         offs_m, offs_n, mask, flat = _tile(M, N, BLOCK_M, BLOCK_N)
         w_ptr = _aligned(W0, tl.load(W_tab + layer))
         w = tl.load(w_ptr + flat, mask=mask, other=0.0)
-        delta = _delta(F0, P_tab, Q_tab, S_tab, layer, offs_m, offs_n, M, N, NA, R, spm, spr, sqr, sqn)
+        delta = _delta(F0, P_tab, Q_tab, S_tab, layer, offs_m, offs_n, M, N, NA, R, spm, spr, sqr, sqn, True)
         new, diff, bad = _merged(w, delta, BITS)
         keep = mask & bad  # NaN or +-inf: leave W as it is
         over = mask & ~keep & ((diff > 127) | (diff < -127))
@@ -269,11 +280,12 @@ def shared_counts(layers_per_group: list[int], device: torch.device) -> tuple[Te
     return counts, list(counts.split(sizes))
 
 
-def launch_merge(g: Group, capacity: int | None = None) -> None:
+def launch_merge(g: Group, capacity: int | None = None, counts_zeroed: bool = False) -> None:
     """Write W' and the corrections in one launch (no host sync); `g.counts` holds what `finish` reads.
 
     `capacity`: overflow slots to use; the buffers grow to it and are kept. Default: `default_capacity`, or all the
-    slots the buffers already have (a list that once ran short does not run short again for the same adapters)."""
+    slots the buffers already have (a list that once ran short does not run short again for the same adapters).
+    `counts_zeroed`: the caller zeroed `g.counts` (one launch for the shared buffer of every group)."""
     dev, (M, N) = g.weights[0].device, g.shape
     if capacity is None:
         g.capacity = max(default_capacity(g), 0 if g.ov_layer is None else g.ov_layer.numel())
@@ -285,7 +297,7 @@ def launch_merge(g: Group, capacity: int | None = None) -> None:
         g.ov_value = torch.empty(g.capacity, dtype=g.weights[0].dtype, device=dev)
     if g.counts is None:
         g.counts = torch.zeros(len(g.weights) + 1, dtype=torch.int32, device=dev)
-    else:
+    elif not counts_zeroed:
         g.counts.zero_()  # the merge pass only adds to its counts
     g.corrections = torch.empty(len(g.weights), M * N, dtype=torch.int8, device=dev)
     grid, kw = _launch_args(g)

@@ -206,7 +206,7 @@ cycle({"v0": np.float64(-0.9)})
 # The short overflow list: redone at the exact size, and the kept plan's next merge not short again
 default_capacity, launch_merge, launches = mt.default_capacity, mt.launch_merge, []
 mt.default_capacity = lambda g: 1
-mt.launch_merge = lambda g, capacity=None: (launches.append(capacity), launch_merge(g, capacity))[1]
+mt.launch_merge = lambda g, capacity=None, **kw: (launches.append(capacity), launch_merge(g, capacity, **kw))[1]
 mix = {"v0": 0.6, "v1": -0.4}
 plan = cycle(mix)
 redone = [g.capacity for g in plan.groups if g.capacity > 1]
