@@ -226,8 +226,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
 
     `s`: when not None, d is that one uniform scale (the usual single-adapter case), applied in training as the
     GEMMs' alpha. `casts`: train_casts.Copies.tensors() (A and B already in the compute dtype, exactly A.to(dtype),
-    B.to(dtype), and maybe the base kept cast), used when that dtype is the one autocast picks. Under no_grad this is the uncached inference
-    form (layers cache the cast factors and call `lora_linear_cached`).
+    B.to(dtype), and maybe the base kept cast), used when that dtype is the one autocast picks. Under no_grad this is
+    the uncached inference form (layers cache the cast factors and call `lora_linear_cached`).
     """
     check_rows(x, d)
     if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad):

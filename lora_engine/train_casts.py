@@ -22,7 +22,6 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import optimizer_steps
@@ -87,12 +86,7 @@ def cast_factors(layer, A: Tensor, B: Tensor, dtype: torch.dtype, weight: Tensor
 def _refresh(layer, A: Tensor, B: Tensor, dtype: torch.dtype, weight: Tensor | None, bias: Tensor | None,
              layout: str) -> Copies:
     dst, src = [], []
-    for other in list(_HOLDERS):  # every other stale copy of the same kind, in the same launch
-        c = other.__dict__.get(ATTR)
-        if other is not layer and c.dtype == dtype and c.Ac.device == A.device and not _fresh(c, c.A, c.B, dtype):
-            dst += [c.Ac, c.Bc]
-            src += [c.A, c.B]
-            other.__dict__[ATTR] = c._replace(stamp=_stamp(c.A, c.B))
+    _take_stale(dst, src, skip=layer, dtype=dtype, device=A.device)  # every other stale copy, in the same launch
     c = layer.__dict__.get(ATTR)
     reuse = c is not None and c.Ac.shape == A.shape and c.Bc.shape == B.shape and c.dtype == dtype \
         and c.Ac.device == A.device and _base_fresh(c, weight, bias)
@@ -103,12 +97,26 @@ def _refresh(layer, A: Tensor, B: Tensor, dtype: torch.dtype, weight: Tensor | N
         Ac = A.detach().to(dtype, copy=True) if base is None else base[base.shape[0] - A.shape[0]:]
         Bc = B.detach().to(dtype, copy=True)
     dst += [Ac, Bc]
-    src += [A, B]
-    torch._foreach_copy_(dst, [s.detach() for s in src])
+    src += [A.detach(), B.detach()]
+    torch._foreach_copy_(dst, src)
     stamp = () if weight is None else _base_stamp(weight, bias)
     c = layer.__dict__[ATTR] = Copies(A, B, dtype, _stamp(A, B), Ac, Bc, base, bias_c, stamp)
     _HOLDERS.add(layer)
     return c
+
+
+def _take_stale(dst: list, src: list, skip=None, dtype: torch.dtype | None = None,
+                device: torch.device | None = None) -> None:
+    """Add every holder's stale copies (of `dtype` on `device` when given; not `skip`'s) to one multi-tensor copy's
+    destinations and sources, and mark them fresh."""
+    for other in list(_HOLDERS):
+        c = other.__dict__.get(ATTR)
+        if other is skip or c is None or _fresh(c, c.A, c.B, c.dtype) or dtype not in (None, c.dtype) \
+                or device not in (None, c.Ac.device):
+            continue
+        dst += [c.Ac, c.Bc]
+        src += [c.A.detach(), c.B.detach()]
+        other.__dict__[ATTR] = c._replace(stamp=_stamp(c.A, c.B))
 
 
 def _cast_base(weight: Tensor | None, bias: Tensor | None, layout: str, rank: int, dtype: torch.dtype
@@ -157,18 +165,13 @@ def _after_step(optimizer, args, kwargs) -> None:
     """After every optimizer step: the stale copies of every layer, refreshed with one multi-tensor copy (what the
     first training forward of the next step would do; a compiled graph cannot), and a base written since it was
     cast (load_state_dict between steps) forgotten."""
-    dst, src = [], []
     for layer in list(_HOLDERS):
         c = layer.__dict__.get(ATTR)
-        if c is None:
-            continue
-        if not _fresh(c, c.A, c.B, c.dtype):
-            dst += [c.Ac, c.Bc]
-            src += [c.A.detach(), c.B.detach()]
-            c = layer.__dict__[ATTR] = c._replace(stamp=_stamp(c.A, c.B))
-        if c.base is not None and not _base_fresh(c, *layer.base_params()):
+        if c is not None and c.base is not None and not _base_fresh(c, *layer.base_params()):
             del layer.__dict__[ATTR]  # made again at the next training forward (a compiled graph: retraced)
             _HOLDERS.discard(layer)
+    dst, src = [], []
+    _take_stale(dst, src)
     if dst:
         torch._foreach_copy_(dst, src)
 
