@@ -36,6 +36,7 @@ except ImportError:  # the CPU wheel has no triton: merge.py uses its PyTorch pa
 # elements per thread both kernels needed 240-255 registers (ptxas), 8 warps per SM, too few loads in flight to
 # stream the weights (NOTES.md (18)). A Group keeps the configuration it was merged with.
 CONFIG = {"BLOCK_M": 1, "BLOCK_N": 256, "num_warps": 2, "num_stages": 1,  # best of tune_merge.py on an H200 (v15)
+          "maxnreg": None,  # a register cap for the merge pass (tune_merge.py; None: ptxas's own 64)
           "U_BLOCK_M": 8, "U_BLOCK_N": 128, "U_num_warps": 4}
 _TILE_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")  # what the tile kernels take of CONFIG
 UNCHANGED = -128  # correction value of an element the merge pass did not write
@@ -262,6 +263,8 @@ def _launch_args(g: Group, unmerge: bool = False) -> tuple[tuple, dict]:
         tiles = {}
         for name, prefix in (("merge", ""), ("unmerge", "U_")):
             kw = dict(common, **{k: cfg.get(prefix + k, cfg[k]) for k in _TILE_KEYS})
+            if cfg.get(prefix + "maxnreg"):  # a register cap (more warps per SM; the rare branch may spill)
+                kw["maxnreg"] = cfg[prefix + "maxnreg"]
             tiles[name] = ((triton.cdiv(M, kw["BLOCK_M"]), triton.cdiv(N, kw["BLOCK_N"]), len(g.weights)), kw)
         g.launch = (dict(cfg), tiles)
     return g.launch[1]["unmerge" if unmerge else "merge"]
