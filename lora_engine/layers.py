@@ -217,12 +217,11 @@ class LoRAConv1D(LoRALayer):
         return _adapted(self, x)
 
 
-def training_casts(layer: LoRALayer, A: Tensor, B: Tensor, ct: torch.dtype):
-    """train_casts.Copies.tensors() of a layer training one adapter in `ct` (with the cast base kept where it needs a
-    cast and `keep_cast_base` allows), or None when A is frozen."""
+def training_casts(layer: LoRALayer, A: Tensor, B: Tensor, ct: torch.dtype, weight: Tensor, bias: Tensor | None):
+    """train_casts.Copies.tensors() of a layer training one adapter in `ct` on this base (`base_params`), with the
+    cast base kept where it needs a cast and `keep_cast_base` allows; None when A is frozen."""
     if not A.requires_grad:
         return None
-    weight, bias = layer.base_params()
     kept = layer.keep_cast_base and train_casts.keeps_base(weight, bias, ct)
     return cast_factors(layer, A, B, ct, *((weight, bias, layer.layout) if kept else ())).tensors()
 
@@ -246,7 +245,7 @@ def _adapted(layer: LoRALayer, x: Tensor) -> Tensor:
         names = list(layer.blend)
         A, B = layer.factor_pair(names[0]) if len(names) == 1 else layer.stacked(names)
         weight, bias = layer.base_params()
-        casts = training_casts(layer, A, B, compute_dtype(x)) if len(names) == 1 else None
+        casts = training_casts(layer, A, B, compute_dtype(x), weight, bias) if len(names) == 1 else None
         return lora_linear(x, weight, bias, A, B, d, layer.layout, layer.uniform_scale, casts)
     # no grad, eager: cached cast factors; one fused launch for a few rows (decode), else two small GEMMs
     check_rows(x, d)

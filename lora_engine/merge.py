@@ -73,7 +73,7 @@ class FusedPlan:
     1.2-2.2 ms of host time per merge against 2-5 ms of kernels; with the plan kept, merging the same unchanged
     adapters again is a key check, one launch per group, one host sync and the records."""
 
-    key: tuple  # `_fused_key(layers, weights)` when it was built; equal keys mean the plan still holds
+    factors: tuple  # `_factors_key(layers, weights)` when it was built; with `target` equal, the plan still holds
     entries: list[tuple[str, LoRALayer]]  # (path, layer) of every merged layer, in lora_layers() order
     layers: list[LoRALayer]  # the layers of `entries`, kept as a list: every merge walks it for the key
     ptrs: list[int]  # each layer's weight storage, where the kernels write
@@ -82,7 +82,7 @@ class FusedPlan:
     paths: list[list[str]]  # per group, its layers' paths by slot (to name the layers a refusal is about)
     records: list[FusedMergeRecord]  # per layer, what merge() sets as layer.merged
     counts: Tensor  # every group's counts in one buffer (merge_triton.shared_counts): one read per merge
-    held: list  # the factors and their storages named in `key`: their ids and pointers stay unique while held
+    held: list  # the factors and their storages named in `factors`: their ids and pointers stay unique while held
     merged: bool = False
 
 
@@ -202,39 +202,49 @@ def _merge_layer(layer: LoRALayer, mix: dict[str, float], A: Tensor, B: Tensor, 
 # ---- the fused path: a plan built once, then reused while its key holds ----------------------------------------
 
 def _fused_key(layers: list[LoRALayer], weights: dict | None) -> tuple | None:
-    """Everything a FusedPlan of `layers` depends on, read cheaply (no tensor is made, no host sync).
+    """Everything a FusedPlan of `layers` depends on, read cheaply (no tensor is made, no host sync): its
+    `_target_key` (what its launch needs to be safe) and its `_factors_key` (what its snapshot was taken from).
+    None: a weight that is not a plain float/int (e.g. a per-row tensor), or a merged layer: merge() plans afresh."""
+    target = _target_key(layers, weights)
+    factors = None if target is None else _factors_key(layers, weights)
+    return None if factors is None else target + factors
 
-    Per layer: not merged; its weight's pointer, dtype, shape and contiguity (the pointer tables address it).
-    Per adapter of its mix: name, weight and scale (the S table), and each factor's id, version counter (bumped by
-    an in-place write such as an optimizer step or load_adapter's copy_) and data pointer (changed by
-    `p.data = ...`). The plan holds every tensor and storage it read (its groups the weights', `held` the
-    factors'), so no other tensor can take their ids or pointers while it lives. Fused optimizers, which bump no
-    version counter, move the optimizer step count (optimizer_steps.py), also in the key. Not seen, as in
-    layers.inference_factors and train_casts: other writes that bypass the version counter (`p.data.add_` outside an
-    optimizer step, a kernel writing through a raw pointer).
-    None: a weight that is not a plain float/int (e.g. a per-row tensor): merge() plans afresh and says why.
-    """
-    if weights is not None:
-        items = tuple(weights.items())
-        if not all(type(w) is float or type(w) is int for _, w in items):
-            return None
-    # the optimizer step count: a fused optimizer changes factors without bumping versions (optimizer_steps.py)
-    key = [tuple(merge_triton.CONFIG.items()), None if weights is None else items, optimizer_steps.steps()]
+
+def _target_key(layers: list[LoRALayer], weights: dict | None) -> tuple | None:
+    """What a kept plan's launch depends on for its safety (every weight's pointer, dtype, shape and contiguity: the
+    pointer tables address M x N elements there) and for being right in the usual case (the blend asked for, the
+    tiles, the optimizer step count: a fused optimizer changes factors without bumping versions, optimizer_steps.py).
+    None: a blend weight that is not a plain float/int (no plan is kept for those)."""
+    pairs = weights.items() if weights is not None else [kv for layer in layers for kv in layer.blend.items()]
+    if not all(type(w) is float or type(w) is int for _, w in pairs):
+        return None
+    blend = tuple(weights.items()) if weights is not None else tuple(tuple(l.blend.items()) for l in layers)
+    key = [tuple(merge_triton.CONFIG.items()), blend, optimizer_steps.steps()]
+    for layer in layers:
+        W = layer._parameters["weight"]  # registries read directly: nn.Module.__getattr__ would cost more
+        key.append((W.data_ptr(), W.dtype, W.shape, W.is_contiguous()))
+    return tuple(key)
+
+
+def _factors_key(layers: list[LoRALayer], weights: dict | None) -> tuple | None:
+    """Per layer (None if it is merged), per adapter of its mix: name and scale (the S table), and each factor's id,
+    version counter (bumped by an in-place write such as load_adapter's copy_) and data pointer (changed by
+    `p.data = ...`). The plan holds every tensor and storage it read (its groups the weights', `held` the factors'),
+    so no other tensor can take their ids or pointers while it lives. Not seen, as in layers.inference_factors and
+    train_casts: other writes that bypass the version counter (`p.data.add_` outside an optimizer step, a kernel
+    writing through a raw pointer)."""
+    key = []
     for layer in layers:
         if layer.merged is not None:
             return None
-        # registries read directly: nn.Module.__getattr__ would cost more than the rest of this loop
-        W = layer._parameters["weight"]
         As, Bs, scaling = layer._modules["lora_A"]._parameters, layer._modules["lora_B"]._parameters, layer.scaling
-        key.append((W.data_ptr(), W.dtype, W.shape, W.is_contiguous()))  # one tuple opens each layer's run
-        for n, w in (layer.blend.items() if weights is None else items):
+        run = []
+        for n in (layer.blend if weights is None else weights):
             A = As.get(n)
-            if A is None:
-                continue
-            if type(w) is not float and type(w) is not int:
-                return None
-            B = Bs[n]
-            key += (n, w, scaling[n], id(A), A._version, A.data_ptr(), id(B), B._version, B.data_ptr())
+            if A is not None:
+                B = Bs[n]
+                run += (n, scaling[n], id(A), A._version, A.data_ptr(), id(B), B._version, B.data_ptr())
+        key.append(tuple(run))
     return tuple(key)
 
 
@@ -256,10 +266,10 @@ def _plan_and_launch(mixes, factors, weights: dict | None) -> FusedPlan:
         built.append(g)
         for slot, i in enumerate(members):
             records[i] = FusedMergeRecord(weights=mixes[i][2], group=g, slot=slot)
-    key = _fused_key(layers, weights)  # read while the GPU merges: a launch moves no version, pointer or record
-    target = _target_key(layers, weights)
+    # read while the GPU merges: a launch moves no version, pointer or record
+    target, factors_key = _target_key(layers, weights), _factors_key(layers, weights)
     held = [x for per in factors for A, B, _ in per for t in (A, B) for x in (t, t.untyped_storage())]
-    plan = FusedPlan(key=key, entries=[(path, layer) for path, layer, _ in mixes], layers=layers,
+    plan = FusedPlan(factors=factors_key, entries=[(path, layer) for path, layer, _ in mixes], layers=layers,
                      ptrs=[layer.weight.data_ptr() for layer in layers], target=target, groups=built,
                      paths=[[mixes[i][0] for i in members] for members in groups.values()], records=records,
                      counts=counts, held=held)
@@ -281,29 +291,12 @@ def _merge_again(model: nn.Module, plan: FusedPlan, weights: dict | None) -> boo
     if plan.merged or target is None or target != plan.target:
         return False
     _launch(plan)
-    key = _fused_key(plan.layers, weights)
-    if key is None or key != plan.key or not _same_layers(model, plan, weights):
+    if _factors_key(plan.layers, weights) != plan.factors or not _same_layers(model, plan, weights):
         merge_triton.finish(plan.groups, plan.counts)  # the overflow totals the undo needs
         _restore(plan)
         return False
     _complete(plan)
     return True
-
-
-def _target_key(layers: list[LoRALayer], weights: dict | None) -> tuple | None:
-    """What a kept plan's launch depends on for its safety (every weight's storage, dtype, shape and contiguity:
-    where the kernels write M x N elements) and for being right in the usual case (the blend asked for, the tiles,
-    the optimizer step count). Cheaper than `_fused_key`, which covers every factor too. None: a blend weight that is
-    not a plain number (no plan is kept for those)."""
-    blend = tuple(weights.items()) if weights is not None else tuple(tuple(l.blend.items()) for l in layers)
-    if not all(type(w) is float or type(w) is int for per in (blend if weights is None else (blend,))
-               for _, w in per):
-        return None
-    key = [tuple(merge_triton.CONFIG.items()), blend, optimizer_steps.steps()]
-    for layer in layers:
-        W = layer._parameters["weight"]
-        key.append((W.data_ptr(), W.dtype, W.shape, W.is_contiguous()))
-    return tuple(key)
 
 
 def _same_layers(model: nn.Module, plan: FusedPlan, weights: dict | None) -> bool:

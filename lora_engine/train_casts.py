@@ -148,7 +148,7 @@ def prepare(model, dtype: torch.dtype) -> int:
     for layer in lora_layers(model).values():
         if len(layer.blend) == 1:
             A, B = layer.factor_pair(next(iter(layer.blend)))
-            n += training_casts(layer, A, B, dtype) is not None
+            n += training_casts(layer, A, B, dtype, *layer.base_params()) is not None
     return n
 
 
