@@ -59,8 +59,15 @@ def tensor_bytes(tensors) -> int:
 
 
 def static_footprint(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
-    """Parameters + buffers + optimizer state of one model: what it holds between steps."""
+    """Parameters + buffers + optimizer state of one model, and the low-precision copies its LoRA layers keep
+    between steps (train_casts.py: the kept cast base and factor copies): what it holds between steps."""
+    from lora_engine import train_casts
+
     tensors = list(model.parameters()) + list(model.buffers())
+    for module in model.modules():
+        copies = module.__dict__.get(train_casts.ATTR)
+        if copies is not None:
+            tensors += [t for t in copies.tensors() if t is not None]
     if optimizer is not None:
         for state in optimizer.state.values():
             tensors += [v for v in state.values() if torch.is_tensor(v)]

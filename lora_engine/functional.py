@@ -74,22 +74,37 @@ def check_rows(x: Tensor, d: Tensor) -> None:
 
 def _mm(a: Tensor, b: Tensor, alpha: float, out_dtype: torch.dtype) -> Tensor:
     """alpha * (a @ b) as `out_dtype`: one kernel on CUDA (fp32 output straight from the bf16/fp16 GEMM)."""
-    if a.is_cuda and a.dtype != out_dtype and not torch.compiler.is_compiling() and _mixed_addmm(a.device.type):
-        out = a.new_empty(a.shape[0], b.shape[1], dtype=out_dtype)
-        return torch.addmm(out, a, b, out_dtype=out_dtype, beta=0, alpha=alpha)
+    if a.is_cuda and a.dtype != out_dtype and not torch.compiler.is_compiling():
+        mode = _mixed_addmm(a.device.type)
+        if mode == "zero":  # a 0-d zero as the (ignored, beta=0) input: no output buffer made first
+            return torch.addmm(_zero(a.device, out_dtype), a, b, out_dtype=out_dtype, beta=0, alpha=alpha)
+        if mode == "empty":
+            return torch.addmm(a.new_empty(a.shape[0], b.shape[1], dtype=out_dtype), a, b, out_dtype=out_dtype,
+                               beta=0, alpha=alpha)
     out = a @ b if alpha == 1.0 else torch.addmm(a.new_empty(a.shape[0], b.shape[1]), a, b, beta=0, alpha=alpha)
     return out.to(out_dtype)
 
 
 @functools.lru_cache(maxsize=None)
-def _mixed_addmm(device_type: str) -> bool:
-    """Whether this torch has addmm(..., out_dtype=float32) for bf16 inputs on this device (probed once)."""
-    try:
-        a = torch.ones(2, 2, device=device_type, dtype=torch.bfloat16)
-        torch.addmm(a.new_empty(2, 2, dtype=torch.float32), a, a, out_dtype=torch.float32, beta=0, alpha=2.0)
-        return True
-    except (RuntimeError, TypeError, NotImplementedError):
-        return False
+def _mixed_addmm(device_type: str) -> str | None:
+    """How this torch takes addmm(..., out_dtype=float32) for bf16 inputs on this device (probed once): "zero" with
+    a broadcast 0-d input, "empty" with a full output-sized one, None not at all."""
+    a = torch.tensor([[1.0, 2.0], [3.0, 4.0]], device=device_type, dtype=torch.bfloat16)
+    want = 2.0 * (a.float() @ a.float())
+    for mode in ("zero", "empty"):
+        c = _zero(a.device, torch.float32) if mode == "zero" else a.new_empty(2, 2, dtype=torch.float32)
+        try:
+            got = torch.addmm(c, a, a, out_dtype=torch.float32, beta=0, alpha=2.0)
+        except (RuntimeError, TypeError, NotImplementedError):
+            continue
+        if got.dtype == torch.float32 and got.shape == want.shape and torch.equal(got, want):
+            return mode
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _zero(device: torch.device, dtype: torch.dtype) -> Tensor:
+    return torch.zeros((), device=device, dtype=dtype)
 
 
 MAX_UNROLLED_RANK = 16  # rank_terms above this rank go back to a GEMM (the unrolled sum would grow the kernels)
@@ -218,6 +233,55 @@ class _LoRALinearFn(torch.autograd.Function):
         if dx is not None:
             dx = _as(dx.view(ctx.x_shape), ctx.x_dtype)
         return dx, None, None, dA, dB, None, None, None, None, None
+
+
+class _KeptLoRAFn(torch.autograd.Function):
+    """Eager training's usual case in as few torch calls as it takes: one adapter at one uniform scale `s` on a base
+    kept cast by train_casts.py. `kept` is its Copies.kept: views made once per cast base, (K^T, bias, W, Ac, Bc,
+    Bc^T) with K = [W; Ac] ([out + R, in]) and the bias [b; 0] (or None).
+
+    The same GEMMs as _LoRALinearFn's "gemm" form on a kept base (lora_forward / lora_backward with `kept`, which
+    torch.compile traces), without their general branches: an eager step at these shapes is bound by the host, where
+    every torch call costs tens of microseconds (benchmarks/NOTES.md (23)). Forward: [base | h] = x K^T (+ bias) in
+    one GEMM, y = base + s h Bc^T accumulated in place. Backward: u = dy Bc, dx = dy W + s u Ac, dA = s u^T x,
+    dB = s dy^T h (fp32, straight from the GEMMs on CUDA)."""
+
+    @staticmethod
+    def forward(ctx, x, A, B, kept, s):
+        KT, bias, W, Ac, Bc, BcT = kept
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.dtype != W.dtype:
+            x2 = x2.to(W.dtype)
+        y_ext = torch.mm(x2, KT) if bias is None else torch.addmm(bias, x2, KT)
+        out = W.shape[0]
+        h = y_ext[:, out:].contiguous()  # [N, R]; saving the view would keep all of [base | h] until backward
+        y = y_ext[:, :out].addmm_(h, BcT, alpha=s)
+        ctx.save_for_backward(x2, h, W, Ac, Bc)
+        ctx.s, ctx.x_shape, ctx.x_dtype, ctx.grad_dtypes = s, x.shape, x.dtype, (A.dtype, B.dtype)
+        return y.view(*x.shape[:-1], out)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, h, W, Ac, Bc = ctx.saved_tensors
+        s, need = ctx.s, ctx.needs_input_grad
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        if dy2.dtype != x2.dtype:
+            dy2 = dy2.to(x2.dtype)
+        u = torch.mm(dy2, Bc)
+        dx = dA = dB = None
+        if need[0]:
+            dx = torch.mm(dy2, W).addmm_(u, Ac, alpha=s).view(ctx.x_shape)
+            dx = dx if dx.dtype == ctx.x_dtype else dx.to(ctx.x_dtype)
+        if need[1]:
+            dA = _mm(u.t(), x2, s, ctx.grad_dtypes[0])
+        if need[2]:
+            dB = _mm(dy2.t(), h, s, ctx.grad_dtypes[1])
+        return dx, dA, dB, None, None
+
+
+def kept_lora_linear(x: Tensor, A: Tensor, B: Tensor, kept: tuple, s: float) -> Tensor:
+    """Training forward of one adapter (A, B) at scale `s` on a kept cast base: see _KeptLoRAFn."""
+    return _KeptLoRAFn.apply(x, A, B, kept, s)
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, d: Tensor,

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import (base_linear, check_rows, compute_dtype, fold_scale, lora_embedding, lora_linear,
-                         lora_linear_cached, lora_linear_reference)
+from .functional import (base_linear, check_rows, compute_dtype, fold_scale, kept_lora_linear, lora_embedding,
+                         lora_linear, lora_linear_cached, lora_linear_reference)
 from . import compiled_op, optimizer_steps, train_casts
 from .kernels import lora_gemv_triton
 from .train_casts import cast_factors
@@ -218,12 +218,12 @@ class LoRAConv1D(LoRALayer):
 
 
 def training_casts(layer: LoRALayer, A: Tensor, B: Tensor, ct: torch.dtype, weight: Tensor, bias: Tensor | None):
-    """train_casts.Copies.tensors() of a layer training one adapter in `ct` on this base (`base_params`), with the
-    cast base kept where it needs a cast and `keep_cast_base` allows; None when A is frozen."""
+    """train_casts.Copies of a layer training one adapter in `ct` on this base (`base_params`), with the cast base
+    kept where it needs a cast and `keep_cast_base` allows; None when A is frozen."""
     if not A.requires_grad:
         return None
     kept = layer.keep_cast_base and train_casts.keeps_base(weight, bias, ct)
-    return cast_factors(layer, A, B, ct, *((weight, bias, layer.layout) if kept else ())).tensors()
+    return cast_factors(layer, A, B, ct, *((weight, bias, layer.layout) if kept else ()))
 
 
 def _adapted(layer: LoRALayer, x: Tensor) -> Tensor:
@@ -245,8 +245,11 @@ def _adapted(layer: LoRALayer, x: Tensor) -> Tensor:
         names = list(layer.blend)
         A, B = layer.factor_pair(names[0]) if len(names) == 1 else layer.stacked(names)
         weight, bias = layer.base_params()
-        casts = training_casts(layer, A, B, compute_dtype(x), weight, bias) if len(names) == 1 else None
-        return lora_linear(x, weight, bias, A, B, d, layer.layout, layer.uniform_scale, casts)
+        copies = training_casts(layer, A, B, compute_dtype(x), weight, bias) if len(names) == 1 else None
+        if copies is not None and copies.kept is not None and layer.uniform_scale is not None:
+            return kept_lora_linear(x, A, B, copies.kept, layer.uniform_scale)  # the usual case, fewest calls
+        return lora_linear(x, weight, bias, A, B, d, layer.layout, layer.uniform_scale,
+                           None if copies is None else copies.tensors())
     # no grad, eager: cached cast factors; one fused launch for a few rows (decode), else two small GEMMs
     check_rows(x, d)
     Ac, Bd = layer.inference_factors(compute_dtype(x))

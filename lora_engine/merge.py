@@ -77,11 +77,14 @@ class FusedPlan:
     entries: list[tuple[str, LoRALayer]]  # (path, layer) of every merged layer, in lora_layers() order
     layers: list[LoRALayer]  # the layers of `entries`, kept as a list: every merge walks it for the key
     ptrs: list[int]  # each layer's weight storage, where the kernels write
-    target: tuple  # `_target_key(layers, weights)` when it was built: where the kernels write, and with which blend
+    blend: tuple  # `_blend_key(layers, weights)` when it was built: the blend, the tiles, the optimizer step count
+    members: list[list[LoRALayer]]  # per group, its layers by slot
+    writes: list[tuple]  # per group, `_weights_key(members)` when it was built: where its kernels write
     groups: list["merge_triton.Group"]
     paths: list[list[str]]  # per group, its layers' paths by slot (to name the layers a refusal is about)
     records: list[FusedMergeRecord]  # per layer, what merge() sets as layer.merged
-    counts: Tensor  # every group's counts in one buffer (merge_triton.shared_counts): one read per merge
+    counts: Tensor  # every group's counts in one buffer (merge_triton.shared_counts): one read per merge; zeroed
+    # whenever the plan is left unmerged (`_restore`), so that a merge launches nothing before its kernels
     held: list  # the factors and their storages named in `factors`: their ids and pointers stay unique while held
     merged: bool = False
 
@@ -211,15 +214,25 @@ def _fused_key(layers: list[LoRALayer], weights: dict | None) -> tuple | None:
 
 
 def _target_key(layers: list[LoRALayer], weights: dict | None) -> tuple | None:
-    """What a kept plan's launch depends on for its safety (every weight's pointer, dtype, shape and contiguity: the
-    pointer tables address M x N elements there) and for being right in the usual case (the blend asked for, the
-    tiles, the optimizer step count: a fused optimizer changes factors without bumping versions, optimizer_steps.py).
-    None: a blend weight that is not a plain float/int (no plan is kept for those)."""
+    """What a kept plan's launches depend on for being right in the usual case (`_blend_key`) and for their safety
+    (`_weights_key`). None: a blend weight that is not a plain float/int (no plan is kept for those)."""
+    blend = _blend_key(layers, weights)
+    return None if blend is None else blend + _weights_key(layers)
+
+
+def _blend_key(layers: list[LoRALayer], weights: dict | None) -> tuple | None:
+    """The blend asked for, the tiles and the optimizer step count (a fused optimizer changes factors without bumping
+    versions, optimizer_steps.py). None: a blend weight that is not a plain float/int."""
     pairs = weights.items() if weights is not None else [kv for layer in layers for kv in layer.blend.items()]
     if not all(type(w) is float or type(w) is int for _, w in pairs):
         return None
     blend = tuple(weights.items()) if weights is not None else tuple(tuple(l.blend.items()) for l in layers)
-    key = [tuple(merge_triton.CONFIG.items()), blend, optimizer_steps.steps()]
+    return tuple(merge_triton.CONFIG.items()), blend, optimizer_steps.steps()
+
+
+def _weights_key(layers: list[LoRALayer]) -> tuple:
+    """Every weight's pointer, dtype, shape and contiguity: the pointer tables address M x N elements there."""
+    key = []
     for layer in layers:
         W = layer._parameters["weight"]  # registries read directly: nn.Module.__getattr__ would cost more
         key.append((W.data_ptr(), W.dtype, W.shape, W.is_contiguous()))
@@ -262,15 +275,17 @@ def _plan_and_launch(mixes, factors, weights: dict | None) -> FusedPlan:
     for (gkey, members), view in zip(groups.items(), views):
         g = merge_triton.build_group([layers[i].weight.detach() for i in members], gkey[1],
                                      [factors[i] for i in members], counts=view)
-        merge_triton.launch_merge(g)
+        merge_triton.launch_merge(g, counts_zeroed=True)  # shared_counts starts at zero
         built.append(g)
         for slot, i in enumerate(members):
             records[i] = FusedMergeRecord(weights=mixes[i][2], group=g, slot=slot)
     # read while the GPU merges: a launch moves no version, pointer or record
-    target, factors_key = _target_key(layers, weights), _factors_key(layers, weights)
+    members = [[layers[i] for i in m] for m in groups.values()]
     held = [x for per in factors for A, B, _ in per for t in (A, B) for x in (t, t.untyped_storage())]
-    plan = FusedPlan(factors=factors_key, entries=[(path, layer) for path, layer, _ in mixes], layers=layers,
-                     ptrs=[layer.weight.data_ptr() for layer in layers], target=target, groups=built,
+    plan = FusedPlan(factors=_factors_key(layers, weights), entries=[(path, layer) for path, layer, _ in mixes],
+                     layers=layers, ptrs=[layer.weight.data_ptr() for layer in layers],
+                     blend=_blend_key(layers, weights), members=members, writes=[_weights_key(m) for m in members],
+                     groups=built,
                      paths=[[mixes[i][0] for i in members] for members in groups.values()], records=records,
                      counts=counts, held=held)
     for rec in records:
@@ -281,19 +296,21 @@ def _plan_and_launch(mixes, factors, weights: dict | None) -> FusedPlan:
 def _merge_again(model: nn.Module, plan: FusedPlan, weights: dict | None) -> bool:
     """Merge with a kept plan if nothing it was built from changed; False (nothing left written) if it is stale.
 
-    Before the launch only what makes it safe and likely right is checked (`_target_key`: where the kernels write,
-    the blend, the tiles and the optimizer step count); the rest of the key (each factor's id, version and storage)
-    and the walk of the model, which finds layers added, removed, replaced or merged through another module, run
-    while the GPU merges (measured: the host time before the first launch was ~30% of a merge's time above its
-    kernels, NOTES (21)), and a merge found stale then is undone exactly.
+    Before a group's launch only what makes it safe and likely right is checked (`_blend_key`: the blend, the tiles
+    and the optimizer step count; `_weights_key` of its layers: where its kernels write), so the GPU merges the first
+    group while the next is checked; the rest of the key (each factor's id, version and storage) and the walk of the
+    model, which finds layers added, removed, replaced or merged through another module, run while the GPU merges
+    (measured: the host time before the first launch was ~30% of a merge's time above its kernels, NOTES (21)), and
+    a merge found stale then is undone exactly.
     """
-    target = _target_key(plan.layers, weights)
-    if plan.merged or target is None or target != plan.target:
+    blend = _blend_key(plan.layers, weights)
+    if plan.merged or blend is None or blend != plan.blend:
         return False
-    _launch(plan)
-    if _factors_key(plan.layers, weights) != plan.factors or not _same_layers(model, plan, weights):
-        merge_triton.finish(plan.groups, plan.counts)  # the overflow totals the undo needs
-        _restore(plan)
+    launched = _launch(plan)
+    if launched < len(plan.groups) or _factors_key(plan.layers, weights) != plan.factors \
+            or not _same_layers(model, plan, weights):
+        merge_triton.finish(plan.groups[:launched], plan.counts)  # the overflow totals the undo needs
+        _restore(plan, plan.groups[:launched])
         return False
     _complete(plan)
     return True
@@ -310,10 +327,14 @@ def _same_layers(model: nn.Module, plan: FusedPlan, weights: dict | None) -> boo
         return False
 
 
-def _launch(plan: FusedPlan) -> None:
-    plan.counts.zero_()  # every group's counts at once
-    for g in plan.groups:
+def _launch(plan: FusedPlan) -> int:
+    """Launch the groups in order, each once its weights are where the plan writes; returns how many were launched
+    (all of them unless a weight moved: the caller undoes those). The counts are zero already (`_restore`)."""
+    for i, (g, members, writes) in enumerate(zip(plan.groups, plan.members, plan.writes)):
+        if _weights_key(members) != writes:
+            return i
         merge_triton.launch_merge(g, counts_zeroed=True)
+    return len(plan.groups)
 
 
 def _complete(plan: FusedPlan) -> None:
@@ -338,9 +359,11 @@ def _complete(plan: FusedPlan) -> None:
     plan.merged = True
 
 
-def _restore(plan: FusedPlan) -> None:
-    for g in plan.groups:
+def _restore(plan: FusedPlan, groups: list | None = None) -> None:
+    """Undo the plan's merge (of `groups` alone: those launched) and zero its counts for the next launch."""
+    for g in plan.groups if groups is None else groups:
         merge_triton.restore(g)
+    plan.counts.zero_()
 
 
 def _set_merged(layer: LoRALayer, rec) -> None:

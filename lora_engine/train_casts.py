@@ -40,6 +40,7 @@ class Copies(NamedTuple):
     base: Tensor | None = None  # [W as [out, in]; Ac] in dtype
     bias: Tensor | None = None  # [bias; zeros(R)] in dtype (None: the base has no bias)
     base_stamp: tuple = ()  # `_base_stamp(weight, bias)` when cast
+    kept: tuple | None = None  # with a base: functional._KeptLoRAFn's views of it, (K^T, bias, W, Ac, Bc, Bc^T)
 
     def tensors(self) -> tuple:
         """(Ac, Bc, base, bias): what the training Function takes (tensors alone: dynamo would guard on the stamps)."""
@@ -100,7 +101,8 @@ def _refresh(layer, A: Tensor, B: Tensor, dtype: torch.dtype, weight: Tensor | N
     src += [A.detach(), B.detach()]
     torch._foreach_copy_(dst, src)
     stamp = () if weight is None else _base_stamp(weight, bias)
-    c = layer.__dict__[ATTR] = Copies(A, B, dtype, _stamp(A, B), Ac, Bc, base, bias_c, stamp)
+    kept = c.kept if reuse else _kept_views(base, bias_c, Ac, Bc)
+    c = layer.__dict__[ATTR] = Copies(A, B, dtype, _stamp(A, B), Ac, Bc, base, bias_c, stamp, kept)
     _HOLDERS.add(layer)
     return c
 
@@ -129,6 +131,13 @@ def _cast_base(weight: Tensor | None, bias: Tensor | None, layout: str, rank: in
     base[:w.shape[0]].copy_(w)
     bias_c = None if bias is None else torch.cat([bias.detach().to(dtype), bias.new_zeros(rank, dtype=dtype)])
     return base, bias_c
+
+
+def _kept_views(base: Tensor | None, bias: Tensor | None, Ac: Tensor, Bc: Tensor) -> tuple | None:
+    """The views functional._KeptLoRAFn takes, made once per cast base (each view is a torch call in the step)."""
+    if base is None:
+        return None
+    return base.t(), bias, base[:base.shape[0] - Ac.shape[0]], Ac, Bc, Bc.t()
 
 
 def made(layer, A: Tensor, B: Tensor, dtype: torch.dtype) -> tuple | None:

@@ -136,6 +136,7 @@ def test_kept_base_forward_and_gradients_equal_float64(kind, bias):
         y = model(x)
     kept = layer.__dict__[train_casts.ATTR]
     assert kept.base is not None and kept.base.shape == (44, 24), "the base was not kept"
+    assert type(y.grad_fn).__name__ == "_KeptLoRAFnBackward", "eager training did not take the kept fast path"
     assert kept.Ac.data_ptr() == kept.base[40:].data_ptr(), "Ac is not the kept base's last rows"
     g = torch.randn_like(y, dtype=torch.float32)
     y.float().backward(g)

@@ -266,6 +266,12 @@ model.blk.b = removed
 layers = lora_layers(model)
 cycle(mix)
 
+# A weight given new storage between merges (the values unchanged): the kept plan launches group by group and stops
+# at the first group whose weights moved; the groups launched before it are undone and the model planned afresh
+kept = cycle(mix)
+layers["c"].weight.data = layers["c"].weight.data.clone()  # c has a group of its own, launched after blk.a/blk.b's
+assert cycle(mix) is not kept and exact()
+
 # Refusals leave every bit as it was: a base weight that overflows under a kept plan (the key does not read W's
 # values), then a NaN factor, twice each (a fresh plan, then the kept one)
 huge = {"v0": 1e37, "v1": 0.0}  # every correction overflows int8: the whole weight goes to the overflow list
