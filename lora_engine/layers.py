@@ -173,9 +173,11 @@ class LoRALayer(nn.Module):
         params = self._parameters
         return params["weight"], params["bias"] if "bias" in params else getattr(self, "bias", None)
 
-    def use_reference(self) -> bool:
-        """The fast path assumes a frozen base and no dropout in the LoRA branch."""
-        weight, bias = self.base_params()
+    def use_reference(self, weight: Tensor | None = None, bias: Tensor | None = None) -> bool:
+        """The fast path assumes a frozen base (`base_params`, read here unless given) and no dropout in the LoRA
+        branch."""
+        if weight is None:
+            weight, bias = self.base_params()
         frozen = not weight.requires_grad and not (bias is not None and bias.requires_grad)
         no_dropout = not self.training or all(self.dropout_p[n] == 0.0 for n in self.blend)
         return not (frozen and no_dropout)
@@ -227,13 +229,14 @@ def training_casts(layer: LoRALayer, A: Tensor, B: Tensor, ct: torch.dtype, weig
 
 
 def _adapted(layer: LoRALayer, x: Tensor) -> Tensor:
-    if layer.use_reference():
+    weight, bias = layer.base_params()
+    if layer.use_reference(weight, bias):
         names = list(layer.blend)
         return lora_linear_reference(x, layer.weight, layer.bias, layer.layout,
                                      [layer.lora_A[n] for n in names], [layer.lora_B[n] for n in names],
                                      layer.blend_scales(), [layer.dropout_p[n] for n in names], layer.training)
-    d = layer.blend_scale
     if torch.compiler.is_compiling():  # plain module attributes for dynamo
+        d = layer.blend_scale
         A, B = layer.stacked(list(layer.blend))
         if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad):
             check_rows(x, d)  # training: the form compiled_op.py gives dynamo, on the copies made before tracing
@@ -241,10 +244,10 @@ def _adapted(layer: LoRALayer, x: Tensor) -> Tensor:
             return compiled_op.lora_linear(x, layer.weight, layer.bias, A, B, d, layer.layout, layer.uniform_scale,
                                            layer.compiled_form, kept)
         return lora_linear(x, layer.weight, layer.bias, A, B, d, layer.layout, layer.uniform_scale)
+    d = layer._buffers["blend_scale"]  # the registry read directly: nn.Module.__getattr__ costs more
     if torch.is_grad_enabled():
         names = list(layer.blend)
         A, B = layer.factor_pair(names[0]) if len(names) == 1 else layer.stacked(names)
-        weight, bias = layer.base_params()
         copies = training_casts(layer, A, B, compute_dtype(x), weight, bias) if len(names) == 1 else None
         if copies is not None and copies.kept is not None and layer.uniform_scale is not None:
             return kept_lora_linear(x, A, B, copies.kept, layer.uniform_scale)  # the usual case, fewest calls
@@ -253,7 +256,6 @@ def _adapted(layer: LoRALayer, x: Tensor) -> Tensor:
     # no grad, eager: cached cast factors; one fused launch for a few rows (decode), else two small GEMMs
     check_rows(x, d)
     Ac, Bd = layer.inference_factors(compute_dtype(x))
-    weight, bias = layer.base_params()
     if d.dim() == 2:  # a mix per row of the batch
         return lora_linear_cached(x, weight, bias, Ac, Bd, d, layer.layout)
     if lora_gemv_triton.applies(x, weight, Ac):

@@ -37,6 +37,7 @@ except ImportError:  # the CPU wheel has no triton: merge.py uses its PyTorch pa
 # stream the weights (NOTES.md (18)). A Group keeps the configuration it was merged with.
 CONFIG = {"BLOCK_M": 1, "BLOCK_N": 256, "num_warps": 2, "num_stages": 1,  # best of tune_merge.py on an H200 (v15)
           "maxnreg": 48,  # the merge pass capped at 48 registers (no spills; ptxas takes 64): 3% faster (v18)
+          "TILES": 1,  # merge tiles per program (the next one's weights loaded while this one is merged)
           "U_BLOCK_M": 8, "U_BLOCK_N": 128, "U_num_warps": 4}
 _TILE_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")  # what the tile kernels take of CONFIG
 UNCHANGED = -128  # correction value of an element the merge pass did not write
@@ -115,9 +116,10 @@ if triton is not None:
         return new, _bits(w, BITS) - _bits(back, BITS), (newf - newf) != 0.0
 
     @triton.jit
-    def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """This program's rows, columns, in-bounds mask and flat element offsets of a row-major [M, N] weight."""
-        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr = 1, t: tl.constexpr = 0):
+        """The rows, columns, in-bounds mask and flat element offsets of a row-major [M, N] weight of this program's
+        tile (of its t-th, when it takes TILES tiles one below the other)."""
+        offs_m = (tl.program_id(0) * TILES + t) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         return offs_m, offs_n, mask, offs_m[:, None] * N + offs_n[None, :]  # int32: build_group checks M * N
@@ -125,13 +127,31 @@ if triton is not None:
     @triton.jit
     def _merge_kernel(W0, W_tab, C0, F0, P_tab, Q_tab, S_tab, counts, ov_layer, ov_index, ov_value, capacity,
                       M, N, spm, spr, sqr, sqn, NA: tl.constexpr, R: tl.constexpr,
-                      BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """counts: [layers] non-finite W' per layer, then [1] the overflow slots asked for (the cursor)."""
-        tl.static_assert(BLOCK_M * BLOCK_N < 65536, "the two counts share one int32 reduction")
+                      BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr = 1):
+        """counts: [layers] non-finite W' per layer, then [1] the overflow slots asked for (the cursor).
+
+        TILES: tiles per program, one below the other; the weights of the next tile are loaded before this one is
+        merged (a thread holds 8 bytes of W per tile: one tile at a time left too few bytes in flight per SM)."""
         layer = tl.program_id(2)
-        offs_m, offs_n, mask, flat = _tile(M, N, BLOCK_M, BLOCK_N)
         w_ptr = _aligned(W0, tl.load(W_tab + layer))
-        w = tl.load(w_ptr + flat, mask=mask, other=0.0)
+        offs_m, offs_n, mask, flat = _tile(M, N, BLOCK_M, BLOCK_N, TILES, 0)
+        w_next = tl.load(w_ptr + flat, mask=mask, other=0.0)
+        for t in tl.static_range(TILES):
+            w = w_next
+            if t + 1 < TILES:
+                _, _, mask_next, flat_next = _tile(M, N, BLOCK_M, BLOCK_N, TILES, t + 1)
+                w_next = tl.load(w_ptr + flat_next, mask=mask_next, other=0.0)
+            _merge_tile(w, w_ptr, layer, offs_m, offs_n, mask, flat, C0, F0, P_tab, Q_tab, S_tab, counts, ov_layer,
+                        ov_index, ov_value, capacity, M, N, spm, spr, sqr, sqn, NA, R, BITS)
+            if t + 1 < TILES:
+                offs_m, offs_n, mask, flat = _tile(M, N, BLOCK_M, BLOCK_N, TILES, t + 1)
+
+    @triton.jit
+    def _merge_tile(w, w_ptr, layer, offs_m, offs_n, mask, flat, C0, F0, P_tab, Q_tab, S_tab, counts, ov_layer,
+                    ov_index, ov_value, capacity, M, N, spm, spr, sqr, sqn, NA: tl.constexpr, R: tl.constexpr,
+                    BITS: tl.constexpr):
+        """Merge one tile whose weights `w` are loaded: W', its corrections, its counts and overflow entries."""
+        tl.static_assert(offs_m.shape[0] * offs_n.shape[0] < 65536, "the two counts share one int32 reduction")
         delta = _delta(F0, P_tab, Q_tab, S_tab, layer, offs_m, offs_n, M, N, NA, R, spm, spr, sqr, sqn, True)
         new, diff, bad = _merged(w, delta, BITS)
         keep = mask & bad  # NaN or +-inf: leave W as it is
@@ -265,7 +285,11 @@ def _launch_args(g: Group, unmerge: bool = False) -> tuple[tuple, dict]:
             kw = dict(common, **{k: cfg.get(prefix + k, cfg[k]) for k in _TILE_KEYS})
             if cfg.get(prefix + "maxnreg"):  # a register cap (more warps per SM; the rare branch may spill)
                 kw["maxnreg"] = cfg[prefix + "maxnreg"]
-            tiles[name] = ((triton.cdiv(M, kw["BLOCK_M"]), triton.cdiv(N, kw["BLOCK_N"]), len(g.weights)), kw)
+            rows = kw["BLOCK_M"]
+            if name == "merge" and cfg.get("TILES", 1) > 1:
+                kw["TILES"] = cfg["TILES"]
+                rows *= kw["TILES"]
+            tiles[name] = ((triton.cdiv(M, rows), triton.cdiv(N, kw["BLOCK_N"]), len(g.weights)), kw)
         g.launch = (dict(cfg), tiles)
     return g.launch[1]["unmerge" if unmerge else "merge"]
 
