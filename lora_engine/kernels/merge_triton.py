@@ -38,6 +38,7 @@ except ImportError:  # the CPU wheel has no triton: merge.py uses its PyTorch pa
 CONFIG = {"BLOCK_M": 1, "BLOCK_N": 256, "num_warps": 2, "num_stages": 1,  # best of tune_merge.py on an H200 (v15)
           "maxnreg": 48,  # the merge pass capped at 48 registers (no spills; ptxas takes 64): 3% faster (v18)
           "TILES": 1,  # merge tiles per program (the next one's weights loaded while this one is merged)
+          "slots": "tile",  # how the merge pass counts its rare elements: "tile" (a reduction) or "element"
           "U_BLOCK_M": 8, "U_BLOCK_N": 128, "U_num_warps": 4}
 _TILE_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")  # what the tile kernels take of CONFIG
 UNCHANGED = -128  # correction value of an element the merge pass did not write
@@ -127,7 +128,8 @@ if triton is not None:
     @triton.jit
     def _merge_kernel(W0, W_tab, C0, F0, P_tab, Q_tab, S_tab, counts, ov_layer, ov_index, ov_value, capacity,
                       M, N, spm, spr, sqr, sqn, NA: tl.constexpr, R: tl.constexpr,
-                      BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr = 1):
+                      BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr = 1,
+                      ELEMENT_SLOTS: tl.constexpr = False, INTERPRETER: tl.constexpr = False):
         """counts: [layers] non-finite W' per layer, then [1] the overflow slots asked for (the cursor).
 
         TILES: tiles per program, one below the other; the weights of the next tile are loaded before this one is
@@ -142,20 +144,40 @@ if triton is not None:
                 _, _, mask_next, flat_next = _tile(M, N, BLOCK_M, BLOCK_N, TILES, t + 1)
                 w_next = tl.load(w_ptr + flat_next, mask=mask_next, other=0.0)
             _merge_tile(w, w_ptr, layer, offs_m, offs_n, mask, flat, C0, F0, P_tab, Q_tab, S_tab, counts, ov_layer,
-                        ov_index, ov_value, capacity, M, N, spm, spr, sqr, sqn, NA, R, BITS)
+                        ov_index, ov_value, capacity, M, N, spm, spr, sqr, sqn, NA, R, BITS, ELEMENT_SLOTS,
+                        INTERPRETER)
             if t + 1 < TILES:
                 offs_m, offs_n, mask, flat = _tile(M, N, BLOCK_M, BLOCK_N, TILES, t + 1)
 
     @triton.jit
     def _merge_tile(w, w_ptr, layer, offs_m, offs_n, mask, flat, C0, F0, P_tab, Q_tab, S_tab, counts, ov_layer,
                     ov_index, ov_value, capacity, M, N, spm, spr, sqr, sqn, NA: tl.constexpr, R: tl.constexpr,
-                    BITS: tl.constexpr):
-        """Merge one tile whose weights `w` are loaded: W', its corrections, its counts and overflow entries."""
+                    BITS: tl.constexpr, ELEMENT_SLOTS: tl.constexpr, INTERPRETER: tl.constexpr):
+        """Merge one tile whose weights `w` are loaded: W', its corrections, its counts and overflow entries.
+
+        ELEMENT_SLOTS: every rare element (non-finite W', overflowing correction) counts itself and takes its own
+        overflow slot with one predicated atomic, no reduction over the tile; else the tile sums its counts and
+        reserves its slots at once (a reduction through shared memory in every tile)."""
         tl.static_assert(offs_m.shape[0] * offs_n.shape[0] < 65536, "the two counts share one int32 reduction")
         delta = _delta(F0, P_tab, Q_tab, S_tab, layer, offs_m, offs_n, M, N, NA, R, spm, spr, sqr, sqn, True)
         new, diff, bad = _merged(w, delta, BITS)
         keep = mask & bad  # NaN or +-inf: leave W as it is
         over = mask & ~keep & ((diff > 127) | (diff < -127))
+        if ELEMENT_SLOTS:
+            keep = _element_slots(counts, layer, keep, over, flat, w, ov_layer, ov_index, ov_value, capacity,
+                                  INTERPRETER)
+        else:
+            keep = _tile_slots(counts, layer, keep, over, flat, w, ov_layer, ov_index, ov_value, capacity)
+        c = tl.where(keep, -128, tl.where(over, 0, diff))  # -128: UNCHANGED
+        # an element kept unchanged is written back as it was: the store's mask is then the tile's own, and Triton
+        # stores whole 16-byte vectors (masked by `keep` too, every W' was a 2-byte store of its own: NOTES (21))
+        tl.store(w_ptr + flat, tl.where(keep, w, new), mask=mask)
+        tl.store(C0 + layer.to(tl.int64) * M * N + flat, c.to(tl.int8), mask=mask)
+
+    @triton.jit
+    def _tile_slots(counts, layer, keep, over, flat, w, ov_layer, ov_index, ov_value, capacity):
+        """The tile's two counts in one reduction; its overflow slots reserved with one atomic and placed by a 2-D
+        prefix sum. Returns `keep` with the overflows that got no slot added (left unchanged)."""
         o = over.to(tl.int32)
         both = tl.sum(tl.sum(keep.to(tl.int32) * 65536 + o, 1), 0)  # one reduction for two counts (< 65536 each)
         n_bad, n_over = both >> 16, both & 65535
@@ -170,11 +192,57 @@ if triton is not None:
             tl.store(ov_value + pos, w, mask=stored)
             tl.store(ov_layer + pos, layer + tl.zeros_like(pos), mask=stored)
             keep = keep | (over & ~stored)  # no slot left: leave unchanged
-        c = tl.where(keep, -128, tl.where(over, 0, diff))  # -128: UNCHANGED
-        # an element kept unchanged is written back as it was: the store's mask is then the tile's own, and Triton
-        # stores whole 16-byte vectors (masked by `keep` too, every W' was a 2-byte store of its own: NOTES (21))
-        tl.store(w_ptr + flat, tl.where(keep, w, new), mask=mask)
-        tl.store(C0 + layer.to(tl.int64) * M * N + flat, c.to(tl.int8), mask=mask)
+        return keep
+
+    @triton.jit
+    def _element_slots(counts, layer, keep, over, flat, w, ov_layer, ov_index, ov_value, capacity,
+                       INTERPRETER: tl.constexpr):
+        """Each non-finite element counted and each overflowing one given a slot by an atomic of its own. Returns
+        `keep` with the overflows that got no slot added (left unchanged).
+
+        The trap: tl.atomic_add through a pointer that is the same for every element, and tl.store at the slots it
+        returns, make Triton lay the whole tile out one element per thread and move it there and back through
+        shared memory in every tile (ttgir: 6 convert_layouts, 11 barriers); as inline PTX they are elementwise and
+        keep the tile's layout. Triton's interpreter runs no PTX: there the same per-element atomics and stores."""
+        zero = tl.zeros_like(flat)
+        bad_at, cursor = counts + layer + zero, counts + tl.num_programs(2) + zero
+        if INTERPRETER:
+            tl.atomic_add(bad_at, 1 + zero, mask=keep)
+            pos = tl.atomic_add(cursor, 1 + zero, mask=over)
+        else:
+            _ptx_increment(bad_at, keep)
+            pos = _ptx_increment(cursor, over)
+        stored = over & (pos < capacity)
+        if INTERPRETER:
+            tl.store(ov_index + pos, flat, mask=stored)
+            tl.store(ov_value + pos, w, mask=stored)
+            tl.store(ov_layer + pos, layer + zero, mask=stored)
+        else:
+            _ptx_put(ov_index + pos, flat, stored)
+            _ptx_put(ov_value + pos, w, stored)
+            _ptx_put(ov_layer + pos, layer + zero, stored)
+        return keep | (over & ~stored)
+
+    @triton.jit
+    def _ptx_increment(ptrs, where):
+        """Per element where `where`: old = *ptr; *ptr += 1 (one predicated atom; 0 elsewhere)."""
+        return tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.u32 $0, 0; @p atom.global.add.u32 $0, [$1], 1; }",
+            "=r,l,r", [ptrs, where.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def _ptx_put(ptrs, values, where):
+        """Per element where `where`: *ptr = value (one predicated store of 16 or 32 bits)."""
+        if values.dtype.primitive_bitwidth == 16:
+            tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.u32 $0, 0; @p st.global.b16 [$1], $3; }",
+                "=r,l,r,h", [ptrs, where.to(tl.int32), values.to(tl.int16, bitcast=True)], dtype=tl.int32,
+                is_pure=False, pack=1)
+        else:
+            tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.u32 $0, 0; @p st.global.b32 [$1], $3; }",
+                "=r,l,r,r", [ptrs, where.to(tl.int32), values.to(tl.int32, bitcast=True)], dtype=tl.int32,
+                is_pure=False, pack=1)
 
     @triton.jit
     def _unmerge_kernel(W0, W_tab, O_tab, C0, c_layer0, F0, P_tab, Q_tab, S_tab, M, N, spm, spr, sqr, sqn,
@@ -201,6 +269,10 @@ if triton is not None:
         layer = tl.load(ov_layer + k, mask=m, other=0)
         o_ptr = tl.load(O_tab + layer, mask=m, other=0).to(W0.dtype)
         tl.store(o_ptr + tl.load(ov_index + k, mask=m, other=0), tl.load(ov_value + k, mask=m), mask=m)
+
+    _INTERPRET = type(_merge_kernel).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1: no PTX (the CPU tests)
+else:
+    _INTERPRET = False
 
 
 @dataclasses.dataclass(eq=False)
@@ -286,6 +358,8 @@ def _launch_args(g: Group, unmerge: bool = False) -> tuple[tuple, dict]:
             if cfg.get(prefix + "maxnreg"):  # a register cap (more warps per SM; the rare branch may spill)
                 kw["maxnreg"] = cfg[prefix + "maxnreg"]
             rows = kw["BLOCK_M"]
+            if name == "merge":
+                kw.update(ELEMENT_SLOTS=cfg.get("slots", "tile") == "element", INTERPRETER=_INTERPRET)
             if name == "merge" and cfg.get("TILES", 1) > 1:
                 kw["TILES"] = cfg["TILES"]
                 rows *= kw["TILES"]

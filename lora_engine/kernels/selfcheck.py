@@ -14,7 +14,7 @@ from torch import nn
 from lora_engine import LoRASpec, inject_lora, lora_layers, merge, unmerge
 from lora_engine import functional as Fn
 from lora_engine.kernels import merge_triton
-from lora_engine.merge import FusedMergeRecord, base_weight
+from lora_engine.merge import PLAN_ATTR, FusedMergeRecord, base_weight
 
 # the tiles before benchmarks/NOTES.md (18), with other unmerge tiles: merge and unmerge must not depend on them
 OTHER_TILES = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, U_BLOCK_M=32, U_BLOCK_N=64, U_num_warps=8)
@@ -91,6 +91,7 @@ def check_merge(dtype: torch.dtype, n_adapters: int) -> str:
     unmerge(model)
     changed = sum(int((l.weight.detach() != original[p]).sum()) for p, l in layers.items())
     assert changed == 0, f"{changed} elements changed after 50 fused merge/unmerge cycles"
+    short = _short_overflow_list(model, layers, original)
     with torch.no_grad():
         layers["lin"].lora_B["a0"][0, 0] = float("nan")
     try:
@@ -100,7 +101,28 @@ def check_merge(dtype: torch.dtype, n_adapters: int) -> str:
         pass
     assert all(torch.equal(l.weight.detach(), original[p]) for p, l in layers.items()), "refusal wrote weights"
     return (f"fused merge {dtype} x{n_adapters}: exact restore after 50 cycles, overflow entries {overflow}, "
-            f"max diff vs torch merge {worst:.2f} eps, same W' at other tiles, NaN refused untouched")
+            f"max diff vs torch merge {worst:.2f} eps, same W' at other tiles, {short}, NaN refused untouched")
+
+
+def _short_overflow_list(model: nn.Module, layers: dict, original: dict) -> str:
+    """A fresh plan whose overflow list has one slot: the elements without one are left unchanged, the groups redone
+    at the exact size, and the merge equals a plain one; unmerged exactly."""
+    mix = {"a0": 0.55}  # a blend no kept plan has: planned afresh, its groups' lists made at default_capacity
+    merge(model, mix)
+    plain = {p: l.weight.detach().clone() for p, l in layers.items()}
+    unmerge(model)
+    default_capacity = merge_triton.default_capacity
+    merge_triton.default_capacity = lambda g: 1
+    try:
+        model.__dict__.pop(PLAN_ATTR, None)
+        merge(model, mix)
+    finally:
+        merge_triton.default_capacity = default_capacity
+    groups = {id(l.merged.group): l.merged.group for l in layers.values()}.values()
+    assert all(torch.equal(l.weight.detach(), plain[p]) for p, l in layers.items()), "short list: merge differs"
+    unmerge(model)
+    assert all(torch.equal(l.weight.detach(), original[p]) for p, l in layers.items()), "short list: unmerge"
+    return f"short overflow list redone at {sum(g.capacity for g in groups)} slots"
 
 
 def check_training_path(dtype: torch.dtype) -> str:
