@@ -4,8 +4,8 @@ merge.py's reference path runs ~15 tensor ops per layer (delta GEMM, fp32 copies
 layer for the overflow list): about 70 bytes of traffic per weight element and hundreds of launches. Here one
 pass each way, about 5 bytes per element:
   merge    (read W, write W, c)  W' = rnd(W + delta), back = rnd(W' - delta), c = bits(W) - bits(back) as int8;
-                                 the rare |c| > 127 keep W's original in an overflow list (slots reserved with one
-                                 atomic per tile). An element that cannot be merged safely -- W' not finite, or
+                                 the rare |c| > 127 keep W's original in an overflow list (each takes its slot with
+                                 an atomic of its own). An element that cannot be merged safely -- W' not finite, or
                                  no overflow slot left -- is not written at all: c = -128 marks it "unchanged".
   unmerge  (read W', c, write W) W <- bits(rnd(W' - delta)) + c (W' itself where c = -128), then the overflow
                                  originals scattered back.
@@ -32,13 +32,12 @@ except ImportError:  # the CPU wheel has no triton: merge.py uses its PyTorch pa
 
 # Tile configuration (benchmarks/tune_merge.py sweeps it on the GPU): the merge pass's tile, and the unmerge pass's
 # (U_*). Delta is the same sequence of FMAs per element whatever the tile, so the two may differ (the merge pass
-# carries the overflow reductions and needs more registers per element). The tiles are small on purpose: at 32
+# rounds twice and compares bits, and takes TILES tiles per program). The tiles are small on purpose: at 32
 # elements per thread both kernels needed 240-255 registers (ptxas), 8 warps per SM, too few loads in flight to
 # stream the weights (NOTES.md (18)). A Group keeps the configuration it was merged with.
-CONFIG = {"BLOCK_M": 1, "BLOCK_N": 256, "num_warps": 2, "num_stages": 1,  # best of tune_merge.py on an H200 (v15)
-          "maxnreg": 48,  # the merge pass capped at 48 registers (no spills; ptxas takes 64): 3% faster (v18)
-          "TILES": 1,  # merge tiles per program (the next one's weights loaded while this one is merged)
-          "slots": "tile",  # how the merge pass counts its rare elements: "tile" (a reduction) or "element"
+CONFIG = {"BLOCK_M": 1, "BLOCK_N": 256, "num_warps": 2, "num_stages": 1,  # best of tune_merge.py on an H200 (v21)
+          "maxnreg": None,  # an optional register cap for the merge pass (48 registers with TILES 2: none needed)
+          "TILES": 2,  # merge tiles per program (the next one's weights loaded while this one is merged)
           "U_BLOCK_M": 8, "U_BLOCK_N": 128, "U_num_warps": 4}
 _TILE_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")  # what the tile kernels take of CONFIG
 UNCHANGED = -128  # correction value of an element the merge pass did not write
@@ -129,7 +128,7 @@ if triton is not None:
     def _merge_kernel(W0, W_tab, C0, F0, P_tab, Q_tab, S_tab, counts, ov_layer, ov_index, ov_value, capacity,
                       M, N, spm, spr, sqr, sqn, NA: tl.constexpr, R: tl.constexpr,
                       BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr = 1,
-                      ELEMENT_SLOTS: tl.constexpr = False, INTERPRETER: tl.constexpr = False):
+                      INTERPRETER: tl.constexpr = False):
         """counts: [layers] non-finite W' per layer, then [1] the overflow slots asked for (the cursor).
 
         TILES: tiles per program, one below the other; the weights of the next tile are loaded before this one is
@@ -144,30 +143,21 @@ if triton is not None:
                 _, _, mask_next, flat_next = _tile(M, N, BLOCK_M, BLOCK_N, TILES, t + 1)
                 w_next = tl.load(w_ptr + flat_next, mask=mask_next, other=0.0)
             _merge_tile(w, w_ptr, layer, offs_m, offs_n, mask, flat, C0, F0, P_tab, Q_tab, S_tab, counts, ov_layer,
-                        ov_index, ov_value, capacity, M, N, spm, spr, sqr, sqn, NA, R, BITS, ELEMENT_SLOTS,
-                        INTERPRETER)
+                        ov_index, ov_value, capacity, M, N, spm, spr, sqr, sqn, NA, R, BITS, INTERPRETER)
             if t + 1 < TILES:
                 offs_m, offs_n, mask, flat = _tile(M, N, BLOCK_M, BLOCK_N, TILES, t + 1)
 
     @triton.jit
     def _merge_tile(w, w_ptr, layer, offs_m, offs_n, mask, flat, C0, F0, P_tab, Q_tab, S_tab, counts, ov_layer,
                     ov_index, ov_value, capacity, M, N, spm, spr, sqr, sqn, NA: tl.constexpr, R: tl.constexpr,
-                    BITS: tl.constexpr, ELEMENT_SLOTS: tl.constexpr, INTERPRETER: tl.constexpr):
-        """Merge one tile whose weights `w` are loaded: W', its corrections, its counts and overflow entries.
-
-        ELEMENT_SLOTS: every rare element (non-finite W', overflowing correction) counts itself and takes its own
-        overflow slot with one predicated atomic, no reduction over the tile; else the tile sums its counts and
-        reserves its slots at once (a reduction through shared memory in every tile)."""
-        tl.static_assert(offs_m.shape[0] * offs_n.shape[0] < 65536, "the two counts share one int32 reduction")
+                    BITS: tl.constexpr, INTERPRETER: tl.constexpr):
+        """Merge one tile whose weights `w` are loaded: W', its corrections, its counts and overflow entries (each
+        rare element, a non-finite W' or an overflowing correction, counts itself: `_element_slots`)."""
         delta = _delta(F0, P_tab, Q_tab, S_tab, layer, offs_m, offs_n, M, N, NA, R, spm, spr, sqr, sqn, True)
         new, diff, bad = _merged(w, delta, BITS)
         keep = mask & bad  # NaN or +-inf: leave W as it is
         over = mask & ~keep & ((diff > 127) | (diff < -127))
-        if ELEMENT_SLOTS:
-            keep = _element_slots(counts, layer, keep, over, flat, w, ov_layer, ov_index, ov_value, capacity,
-                                  INTERPRETER)
-        else:
-            keep = _tile_slots(counts, layer, keep, over, flat, w, ov_layer, ov_index, ov_value, capacity)
+        keep = _element_slots(counts, layer, keep, over, flat, w, ov_layer, ov_index, ov_value, capacity, INTERPRETER)
         c = tl.where(keep, -128, tl.where(over, 0, diff))  # -128: UNCHANGED
         # an element kept unchanged is written back as it was: the store's mask is then the tile's own, and Triton
         # stores whole 16-byte vectors (masked by `keep` too, every W' was a 2-byte store of its own: NOTES (21))
@@ -175,30 +165,11 @@ if triton is not None:
         tl.store(C0 + layer.to(tl.int64) * M * N + flat, c.to(tl.int8), mask=mask)
 
     @triton.jit
-    def _tile_slots(counts, layer, keep, over, flat, w, ov_layer, ov_index, ov_value, capacity):
-        """The tile's two counts in one reduction; its overflow slots reserved with one atomic and placed by a 2-D
-        prefix sum. Returns `keep` with the overflows that got no slot added (left unchanged)."""
-        o = over.to(tl.int32)
-        both = tl.sum(tl.sum(keep.to(tl.int32) * 65536 + o, 1), 0)  # one reduction for two counts (< 65536 each)
-        n_bad, n_over = both >> 16, both & 65535
-        if n_bad > 0:
-            tl.atomic_add(counts + layer, n_bad)
-        if n_over > 0:  # rare: reserve a run of slots for the whole tile with one atomic, then a 2-D prefix sum
-            start = tl.atomic_add(counts + tl.num_programs(2), n_over)
-            row_total = tl.sum(o, 1)
-            pos = start + (tl.cumsum(row_total, 0) - row_total)[:, None] + tl.cumsum(o, 1) - 1
-            stored = over & (pos < capacity)
-            tl.store(ov_index + pos, flat, mask=stored)
-            tl.store(ov_value + pos, w, mask=stored)
-            tl.store(ov_layer + pos, layer + tl.zeros_like(pos), mask=stored)
-            keep = keep | (over & ~stored)  # no slot left: leave unchanged
-        return keep
-
-    @triton.jit
     def _element_slots(counts, layer, keep, over, flat, w, ov_layer, ov_index, ov_value, capacity,
                        INTERPRETER: tl.constexpr):
-        """Each non-finite element counted and each overflowing one given a slot by an atomic of its own. Returns
-        `keep` with the overflows that got no slot added (left unchanged).
+        """Each non-finite element counted and each overflowing one given a slot by an atomic of its own, so the tile
+        needs no reduction (a reduction per tile and a slot run reserved per tile took ~15% of the merge pass: NOTES
+        (21h)). Returns `keep` with the overflows that got no slot added (left unchanged).
 
         The trap: tl.atomic_add through a pointer that is the same for every element, and tl.store at the slots it
         returns, make Triton lay the whole tile out one element per thread and move it there and back through
@@ -359,7 +330,7 @@ def _launch_args(g: Group, unmerge: bool = False) -> tuple[tuple, dict]:
                 kw["maxnreg"] = cfg[prefix + "maxnreg"]
             rows = kw["BLOCK_M"]
             if name == "merge":
-                kw.update(ELEMENT_SLOTS=cfg.get("slots", "tile") == "element", INTERPRETER=_INTERPRET)
+                kw["INTERPRETER"] = _INTERPRET
             if name == "merge" and cfg.get("TILES", 1) > 1:
                 kw["TILES"] = cfg["TILES"]
                 rows *= kw["TILES"]
