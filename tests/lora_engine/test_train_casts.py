@@ -150,6 +150,32 @@ def test_kept_base_forward_and_gradients_equal_float64(kind, bias):
         assert (got.double() - want).abs().max() <= tol * want.abs().max(), "gradient off"
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_kept_fast_path_equals_the_general_function_bit_for_bit(kind):
+    """functional._KeptLoRAFn (eager training's usual case) runs the same GEMMs as _LoRALinearFn on the kept base: the
+    same output and gradients, bit for bit, so the two cannot drift apart."""
+    from lora_engine import functional as Fn
+    _, layer = _kept_layer(kind, True, seed=11)
+    A, B = layer.lora_A["v"], layer.lora_B["v"]
+    s = layer.uniform_scale
+    x = torch.randn(3, 5, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        copies = train_casts.cast_factors(layer, A, B, torch.bfloat16, layer.weight, layer.bias, layer.layout)
+    g = torch.randn(3, 5, 40)
+    results = []
+    for fast in (True, False):
+        xg = x.clone().requires_grad_(True)
+        A.grad = B.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = (Fn._KeptLoRAFn.apply(xg, A, B, copies.kept, s) if fast else
+                 Fn._LoRALinearFn.apply(xg, layer.weight, layer.bias, A, B, layer.blend_scale, s, layer.layout,
+                                        copies.tensors(), "gemm"))
+        y.float().backward(g)
+        results.append((y, xg.grad, A.grad, B.grad))
+    for got, want in zip(*results):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
 def test_kept_base_follows_the_base_and_is_released():
     model, layer = _kept_layer("linear", True, seed=6)
     x = torch.randn(5, 24)
