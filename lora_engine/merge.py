@@ -280,14 +280,14 @@ def _plan_and_launch(mixes, factors, weights: dict | None) -> FusedPlan:
         for slot, i in enumerate(members):
             records[i] = FusedMergeRecord(weights=mixes[i][2], group=g, slot=slot)
     # read while the GPU merges: a launch moves no version, pointer or record
-    members = [[layers[i] for i in m] for m in groups.values()]
+    group_layers = [[layers[i] for i in m] for m in groups.values()]
     held = [x for per in factors for A, B, _ in per for t in (A, B) for x in (t, t.untyped_storage())]
     plan = FusedPlan(factors=_factors_key(layers, weights), entries=[(path, layer) for path, layer, _ in mixes],
                      layers=layers, ptrs=[layer.weight.data_ptr() for layer in layers],
-                     blend=_blend_key(layers, weights), members=members, writes=[_weights_key(m) for m in members],
-                     groups=built,
-                     paths=[[mixes[i][0] for i in members] for members in groups.values()], records=records,
-                     counts=counts, held=held)
+                     blend=_blend_key(layers, weights), members=group_layers,
+                     writes=[_weights_key(m) for m in group_layers], groups=built,
+                     paths=[[mixes[i][0] for i in m] for m in groups.values()], records=records, counts=counts,
+                     held=held)
     for rec in records:
         rec.plan = plan
     return plan
