@@ -64,8 +64,8 @@ if triton is not None:
         p = P * s, then acc += p * q): every element's delta is the same sequence of operations whatever the tile
         shape, so merge and unmerge agree bit for bit even on different tiles (and R of 8 to 64 costs 8 to 64 FMAs
         per element: no tensor-core tile, no layout shuffles). A tile loads BM + BN factor values per rank.
-        UNROLL: the ranks unrolled, every rank's loads in flight at once (the merge pass: 64 registers either way;
-        unmerge keeps the loop, 32 registers instead of 52)."""
+        UNROLL: the ranks unrolled, every rank's loads in flight at once (the merge pass; unmerge keeps the loop,
+        32 registers instead of 52)."""
         rows, cols = offs_m[:, None], offs_n[None, :]  # P and Q loaded at their own shapes, [BM, 1] and [1, BN]
         row_ok, col_ok = rows < M, cols < N
         acc = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=tl.float32)
@@ -132,20 +132,21 @@ if triton is not None:
         """counts: [layers] non-finite W' per layer, then [1] the overflow slots asked for (the cursor).
 
         TILES: tiles per program, one below the other; the weights of the next tile are loaded before this one is
-        merged (a thread holds 8 bytes of W per tile: one tile at a time left too few bytes in flight per SM)."""
+        merged (a thread holds 8 bytes of W per tile; with the per-element slots' 32 registers, two tiles gave
+        2.01 -> 1.76 ms: NOTES (21i), (21j))."""
         layer = tl.program_id(2)
         w_ptr = _aligned(W0, tl.load(W_tab + layer))
         offs_m, offs_n, mask, flat = _tile(M, N, BLOCK_M, BLOCK_N, TILES, 0)
         w_next = tl.load(w_ptr + flat, mask=mask, other=0.0)
         for t in tl.static_range(TILES):
             w = w_next
-            if t + 1 < TILES:
-                _, _, mask_next, flat_next = _tile(M, N, BLOCK_M, BLOCK_N, TILES, t + 1)
-                w_next = tl.load(w_ptr + flat_next, mask=mask_next, other=0.0)
+            if t + 1 < TILES:  # the next tile's weights in flight while this one is merged
+                next_m, next_n, next_mask, next_flat = _tile(M, N, BLOCK_M, BLOCK_N, TILES, t + 1)
+                w_next = tl.load(w_ptr + next_flat, mask=next_mask, other=0.0)
             _merge_tile(w, w_ptr, layer, offs_m, offs_n, mask, flat, C0, F0, P_tab, Q_tab, S_tab, counts, ov_layer,
                         ov_index, ov_value, capacity, M, N, spm, spr, sqr, sqn, NA, R, BITS, INTERPRETER)
             if t + 1 < TILES:
-                offs_m, offs_n, mask, flat = _tile(M, N, BLOCK_M, BLOCK_N, TILES, t + 1)
+                offs_m, offs_n, mask, flat = next_m, next_n, next_mask, next_flat
 
     @triton.jit
     def _merge_tile(w, w_ptr, layer, offs_m, offs_n, mask, flat, C0, F0, P_tab, Q_tab, S_tab, counts, ov_layer,
