@@ -18,6 +18,16 @@ def _available(kind: str) -> bool:
     return kind == "cpu"
 
 
+def peak_memory_gb(device: torch.device) -> float | None:
+    """Most memory the process's tensors held on `device` so far, in GB (1e9 bytes); None where torch keeps no
+    count (CPU, MPS)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    if device.type == "xpu":
+        return torch.xpu.max_memory_allocated(device) / 1e9
+    return None
+
+
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """`auto` takes the first available of cuda, xpu, mps, cpu; cuda/xpu get index `local_rank` (one per process)."""
     if name == "auto":

@@ -28,7 +28,7 @@ from .checkpoint import (ADAPTER_FILE, STATE_FILE, best_checkpoint, clean_leftov
                          write_checkpoint)
 from .config import TrainConfig
 from .data import BatchStream, fixed_batches
-from .devices import AmpRecipe, amp_recipe
+from .devices import AmpRecipe, amp_recipe, peak_memory_gb
 from .distributed import (DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_object,
                           cleanup_distributed, setup_distributed)
 from .metrics import PLOT_FILE, MetricsLog, plot_loss_curve
@@ -151,9 +151,13 @@ def train(config: TrainConfig, task: Task | None = None) -> TrainResult:
             (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
         # ---- wrap for data parallel and compile (both opt-in by environment / flag)
-        train_model: nn.Module = model
+        # The wrappers go around model + loss, not the model alone: a task's loss may call submodules directly
+        # (IndexTTS2's does: UnifiedVoice.forward is not its training forward), and DDP only arms its gradient
+        # all-reduce, torch.compile only traces, inside the wrapped module's forward.
+        train_model: nn.Module = TaskLoss(model, task.loss_fn)
         if world > 1:
-            train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            train_model = DistributedDataParallel(train_model,
+                                                  device_ids=[device.index] if device.type == "cuda" else None)
         if cfg.compile and amp.dtype is not None:  # the kept casts exist before tracing, so the graph reads them
             train_casts.prepare(model, amp.dtype)
         step_model = torch.compile(train_model) if cfg.compile else train_model
@@ -177,7 +181,7 @@ def train(config: TrainConfig, task: Task | None = None) -> TrainResult:
                 no_sync = world > 1 and micro < cfg.grad_accum - 1
                 with train_model.no_sync() if no_sync else contextlib.nullcontext():
                     with amp.autocast():
-                        loss = task.loss_fn(step_model, batch)
+                        loss = step_model(batch)
                     scaler.scale(loss / cfg.grad_accum).backward()
                 loss_sum += loss.detach().float()
             step_loss = (all_reduce_sum(loss_sum / cfg.grad_accum, dist) / world).item()
@@ -213,6 +217,7 @@ def train(config: TrainConfig, task: Task | None = None) -> TrainResult:
             if amp.use_scaler:
                 record["loss_scale"] = scaler.get_scale()
             record["samples_per_s"] = global_batch / dt
+            record["step_time_s"] = dt
             if not finite or step % cfg.log_every == 0 or step == max_steps:
                 log.log(record)
             if bar is not None:
@@ -281,6 +286,12 @@ def train(config: TrainConfig, task: Task | None = None) -> TrainResult:
             if stop_reason != "max_steps":
                 break
 
+        # ---- peak device memory of every rank (one line in metrics.jsonl; on CPU torch keeps no count)
+        peaks = all_gather_objects(peak_memory_gb(device), dist)
+        if peaks[0] is not None:
+            log.log({"step": step, "peak_memory_gb_per_rank": peaks})
+            _say(main, "peak device memory per rank: " + ", ".join(f"{p:.2f} GB" for p in peaks))
+
         # ---- final artifacts: the adapter, the best adapter, the loss curve
         train_casts.release(model)  # the kept casts (a cast copy of every targeted weight) are of no use after training
         adapter_path = None
@@ -307,6 +318,18 @@ def train(config: TrainConfig, task: Task | None = None) -> TrainResult:
         if log is not None:
             log.close()
         cleanup_distributed(dist)
+
+
+class TaskLoss(nn.Module):
+    """The model and the task's loss as one module: forward(batch) = loss_fn(model, batch)."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor]):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
 
 
 def evaluate(model: nn.Module, batches: list[list[Any]], collate: Any, loss_fn: Any, amp: AmpRecipe,
