@@ -48,9 +48,16 @@ def _aligned(model: nn.Module, ids: Tensor, lengths: Tensor, start: int, stop: i
     return inputs, targets, mask
 
 
-def gpt_forward(model: nn.Module, batch: GPTBatch, text_weight: float = 0.2, mel_weight: float = 0.8) -> GPTOutput:
-    """Loss = text_weight * CE(text) + mel_weight * CE(mel), each averaged over its real (unpadded) targets."""
+def gpt_forward(model: nn.Module, batch: GPTBatch, text_weight: float = 0.2, mel_weight: float = 0.8,
+                pad_to_multiple: int = 0) -> GPTOutput:
+    """Loss = text_weight * CE(text) + mel_weight * CE(mel), each averaged over its real (unpadded) targets.
+
+    pad_to_multiple: widen the mel codes with masked padding so that the whole sequence length is a multiple of
+    this. The padding comes last and attention is causal, so no real position sees it: the loss is unchanged. It
+    makes batches of different lengths share shapes (see training.py, `pad_to_multiple`)."""
     B = batch.text_ids.shape[0]
+    if pad_to_multiple > 1:
+        batch = _pad_codes(model, batch, pad_to_multiple)
     # Trap: use_speed must be a LongTensor (it indexes speed_emb); 0 = normal speed, as forward() uses it.
     speed = torch.zeros(B, dtype=torch.long, device=batch.text_ids.device)
     conds = torch.cat((batch.conditioning + batch.emo_vec.unsqueeze(1),
@@ -70,6 +77,16 @@ def gpt_forward(model: nn.Module, batch: GPTBatch, text_weight: float = 0.2, mel
     correct = ((mel_logits.argmax(1) == mel_tgt) & mel_mask).sum()
     return GPTOutput(text_weight * text_loss + mel_weight * mel_loss, text_loss.detach(), mel_loss.detach(),
                      correct, mel_mask.sum())
+
+
+def _pad_codes(model: nn.Module, batch: GPTBatch, multiple: int) -> GPTBatch:
+    """Codes widened so that 34 conditioning + (text + 2) + (codes + 2) positions are a multiple of `multiple`;
+    left as they are where that would pass the mel position table (max_mel_tokens)."""
+    length = 34 + batch.text_ids.shape[1] + 2 + batch.codes.shape[1] + 2
+    extra = -length % multiple
+    if extra == 0 or batch.codes.shape[1] + extra > model.max_mel_tokens:
+        return batch
+    return dataclasses.replace(batch, codes=F.pad(batch.codes, (0, extra), value=model.stop_mel_token))
 
 
 def fix_gradient_checkpointing(model: nn.Module, enabled: bool = False) -> None:

@@ -7,6 +7,8 @@ scripts/train.py --model-dir DIR selects it. Task options (`task_options:` in th
     gradient_checkpointing (false)        non-reentrant checkpointing of the GPT blocks (saves memory)
     learn_speaker_latent (false)          also learn one 32 x D speaker latent, saved in the adapter
     max_tokens (0)                        drop examples longer than this many text + code tokens (0 = keep all)
+    pad_to_multiple (64)                  on GPUs, pad each batch (masked, exact) to a length that is a multiple
+                                          of this: each new length costs ~0.1 s of setup on an H200 (0 = off)
     eval_reference_audio, eval_texts, eval_prompt_audio, eval_reference_text, eval_max_mel_tokens
                                           the periodic audio eval of --eval-audio-every (audio_eval.py)
 """
@@ -27,7 +29,7 @@ from lora_engine.training.data import TrainData, load_manifest
 from lora_engine.training.task import Task
 
 DEFAULTS = {"text_weight": 0.2, "mel_weight": 0.8, "gpt_dropout": 0.0, "gradient_checkpointing": False,
-            "learn_speaker_latent": False, "max_tokens": 0, "eval_reference_audio": None, "eval_texts": None,
+            "learn_speaker_latent": False, "max_tokens": 0, "pad_to_multiple": 64, "eval_reference_audio": None, "eval_texts": None,
             "eval_prompt_audio": None, "eval_reference_text": None, "eval_max_mel_tokens": 600}
 SPEAKER_LATENT = "speaker_latent"
 
@@ -107,12 +109,18 @@ def load_data(config: TrainConfig) -> tuple[TrainData, list[dict[str, Any]] | No
 def make_loss_fn(config: TrainConfig):
     opts = task_options(config)
     text_w, mel_w = float(opts["text_weight"]), float(opts["mel_weight"])
+    pad_to = int(opts["pad_to_multiple"])
 
     def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         latent = getattr(model, SPEAKER_LATENT, None)
         if latent is not None:  # the learned voice replaces the prompt's latent
             batch = {**batch, "conditioning": latent.unsqueeze(0).expand_as(batch["conditioning"])}
-        return gpt_forward(model, GPTBatch(**batch), text_w, mel_w).loss
+        # Trap (measured on an H200, benchmarks/results/h200x2-2026-11-29-ddp-v2.json against -v3.json): a step
+        # whose sequence length had not occurred before took ~0.1 s more, a per-shape setup cost (which library pays
+        # it was not isolated), and with lengths that vary nearly every step is new. Padding to a multiple of 64
+        # leaves few shapes: median step 208 -> 102 ms. CPUs pay no such cost, so they are not padded.
+        multiple = pad_to if batch["codes"].is_cuda else 0
+        return gpt_forward(model, GPTBatch(**batch), text_w, mel_w, multiple).loss
 
     return loss_fn
 

@@ -7,7 +7,7 @@ import torch  # noqa: E402
 
 from indextts_integration import model_dir as md  # noqa: E402
 from indextts_integration.deploy import merged_state_dict, write_merged_gpt  # noqa: E402
-from indextts_integration.gpt_loss import GPTBatch, fix_gradient_checkpointing, gpt_forward  # noqa: E402
+from indextts_integration.gpt_loss import GPTBatch, fix_gradient_checkpointing, gpt_forward, set_gpt_dropout  # noqa: E402,E501
 from indextts_integration.targets import preset_targets  # noqa: E402
 from indextts_integration.tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
 from lora_engine import LoRASpec, inject_lora, lora_layers, merge, save_adapter, set_blend, unmerge  # noqa: E402
@@ -121,3 +121,37 @@ def test_a_short_training_run_lowers_the_loss(tiny_dir):
         out = gpt_forward(model, batch)
     assert out.loss.item() < 0.7 * first
     assert 0 < out.mel_correct <= out.mel_count
+
+
+def test_padding_to_a_multiple_leaves_loss_and_gradients_unchanged(tiny_dir):
+    model = _model(tiny_dir).double().train()
+    fix_gradient_checkpointing(model, enabled=False)
+    set_gpt_dropout(model, 0.0)  # upstream's 0.1 would draw different masks for the longer sequence
+    inject_lora(model, LoRASpec(preset_targets("gpt-attn-mlp"), rank=4), "v")
+    _randomize(model)
+    batch = _batch(model)
+    batch = GPTBatch(**{k: v.double() if v.is_floating_point() else v for k, v in vars(batch).items()})
+    results = []
+    for multiple in (0, 64):
+        model.zero_grad()
+        out = gpt_forward(model, batch, pad_to_multiple=multiple)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (plain, g0), (padded, g1) = results
+    assert int(plain.mel_count) == int(padded.mel_count) and int(plain.mel_correct) == int(padded.mel_correct)
+    torch.testing.assert_close(padded.loss, plain.loss, rtol=1e-12, atol=0)
+    assert g0.keys() == g1.keys() and g0
+    for n in g0:  # float64 model, but gpt_forward takes the cross-entropy in float32 (as in bf16 training)
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-6, atol=1e-10, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_padding_makes_the_length_a_multiple_within_the_mel_position_table(tiny_dir):
+    from indextts_integration.gpt_loss import _pad_codes
+
+    model = _model(tiny_dir)
+    batch = _batch(model)
+    padded = _pad_codes(model, batch, 64)
+    assert (34 + 7 + 2 + padded.codes.shape[1] + 2) % 64 == 0 and padded.codes.shape[1] > batch.codes.shape[1]
+    assert torch.equal(padded.codes[:, :20], batch.codes) and (padded.codes[:, 20:] == model.stop_mel_token).all()
+    assert _pad_codes(model, batch, 1 << 20) is batch  # past max_mel_tokens: left as it is
