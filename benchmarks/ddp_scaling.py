@@ -43,6 +43,7 @@ TINY_DIMS = {"model_dim": 64, "heads": 4, "layers": 2, "number_text_tokens": 256
              "emo_condition_module": {"output_size": 32, "linear_units": 64, "attention_heads": 2, "num_blocks": 1,
                                       "input_layer": "conv2d2", "perceiver_mult": 1}}
 EQUIVALENCE_RTOL = 2e-2  # bf16 keeps 8 bits of mantissa (eps 7.8e-3); fp32 runs land near 1e-6
+NOISE_FACTOR = 2.0       # ... or twice the single-GPU reference's own run-to-run difference, if that is larger
 
 
 def make_model_dir(root: Path, tiny: bool) -> dict:
@@ -90,7 +91,7 @@ def run_training(args, n_proc: int, out: Path, model_dir: Path, manifest: Path, 
            "--no-tensorboard", "--no-plot", "--no-progress", "--seed", "1234"]
     if args.checkpointing:
         cmd += ["--task-option", "gradient_checkpointing=true"]
-    env = {**os.environ, **NCCL_SAFETY, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **dict(args.env), **NCCL_SAFETY}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (args.uv_site, str(ROOT), os.environ.get("PYTHONPATH")) if p)
     print(f"[ddp] {n_proc} process(es), batch {args.batch_size} x accumulation {grad_accum}, {args.steps} steps",
           file=sys.stderr, flush=True)
@@ -111,7 +112,8 @@ def summarize(records: list[dict], n_proc: int, batch: int, warmup: int) -> dict
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     return {"gpus": n_proc, "per_gpu_batch": batch, "global_batch": n_proc * batch, "timed_steps": len(times),
             "step_time_ms": step_ms, "step_time_ms_q1": 1e3 * q[0], "step_time_ms_q3": 1e3 * q[2],
-            "samples_per_s": n_proc * batch / (step_ms / 1e3), "peak_memory_gb_per_gpu": peaks}
+            "samples_per_s": n_proc * batch / (step_ms / 1e3), "peak_memory_gb_per_gpu": peaks,
+            "step_times_ms": [round(1e3 * r["step_time_s"], 2) for r in records if "step_time_s" in r]}
 
 
 def compare_adapters(a_path: Path, b_path: Path) -> dict:
@@ -126,6 +128,28 @@ def compare_adapters(a_path: Path, b_path: Path) -> dict:
     return {"worst_rel_diff": rel[name], "worst_tensor": name, "tensors": len(b)}
 
 
+def equivalence(args, counts: list[int], records: dict, work: Path, model_dir: Path, manifest: Path) -> dict:
+    """N_max processes against one with accumulation N_max (same global batches), and that one against itself."""
+    top = counts[-1]
+    accum = run_training(args, 1, work / f"run-1x{top}", model_dir, manifest, grad_accum=top)
+    reference = work / f"run-1x{top}" / "adapter.safetensors"
+    eq = compare_adapters(work / f"run-{top}" / "adapter.safetensors", reference)
+    # The reference's own run-to-run spread (bf16 kernels that add in a varying order, amplified by Adam's
+    # normalisation of tiny gradients): N GPUs cannot be asked to agree with it more closely than it repeats.
+    run_training(args, 1, work / f"run-1x{top}-again", model_dir, manifest, grad_accum=top)
+    eq["reference_repeat_rel_diff"] = compare_adapters(work / f"run-1x{top}-again" / "adapter.safetensors",
+                                                       reference)["worst_rel_diff"]
+    losses = {r["step"]: r["loss"] for r in accum if "loss" in r and "step_time_s" in r}
+    eq.update(gpus=top, per_gpu_batch=args.batch_size, steps=args.steps, rtol=EQUIVALENCE_RTOL,
+              max_loss_diff=max(abs(r["loss"] - losses[r["step"]]) for r in records[top] if "step_time_s" in r))
+    # The comparison's resolution: one GPU with a smaller global batch must come out visibly different.
+    eq["one_gpu_half_batch_rel_diff"] = compare_adapters(work / f"run-{counts[0]}" / "adapter.safetensors",
+                                                         reference)["worst_rel_diff"] if counts[0] == 1 else None
+    eq["tolerance"] = max(EQUIVALENCE_RTOL, NOISE_FACTOR * eq["reference_repeat_rel_diff"])
+    eq["passed"] = eq["worst_rel_diff"] <= eq["tolerance"]
+    return eq
+
+
 def markdown(res: dict) -> str:
     lines = [f"# Data-parallel LoRA training of UnifiedVoice, r8 ({res['gpu']}, {res['date']})", "",
              f"`{res['command']}`", "", res["setup"], "",
@@ -137,10 +161,14 @@ def markdown(res: dict) -> str:
                      f"{r['step_time_ms_q3']:.1f}] | {r['samples_per_s']:.1f} | {r['scaling_efficiency']:.1%} | "
                      f"{peaks} |")
     eq = res["equivalence"]
+    if eq is None:
+        return "\n".join(lines) + "\n"
     lines += ["", f"Equivalence: {eq['gpus']} GPUs x batch {eq['per_gpu_batch']} against 1 GPU x batch "
                   f"{eq['per_gpu_batch']} x accumulation {eq['gpus']}, after {eq['steps']} steps: worst tensor "
                   f"relative difference {eq['worst_rel_diff']:.2e} ({eq['worst_tensor']}), losses differ by at most "
-                  f"{eq['max_loss_diff']:.2e}; tolerance {eq['rtol']:g}: **{'pass' if eq['passed'] else 'FAIL'}**."]
+                  f"{eq['max_loss_diff']:.2e}. The reference run repeated ends {eq['reference_repeat_rel_diff']:.2e} from "
+                  f"itself; tolerance max({eq['rtol']:g}, {NOISE_FACTOR:g} x that) = {eq['tolerance']:.2e}: "
+                  f"**{'pass' if eq['passed'] else 'FAIL'}**."]
     if eq.get("one_gpu_half_batch_rel_diff") is not None:
         lines += ["", f"For scale: 1 GPU at batch {eq['per_gpu_batch']} without accumulation (half the global batch) "
                       f"ends {eq['one_gpu_half_batch_rel_diff']:.2e} away from the same reference."]
@@ -169,6 +197,13 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpus", type=int, nargs="+", default=[1, 2], help="process counts to run, one per GPU")
@@ -177,6 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=8, help="first steps left out of the timing")
     ap.add_argument("--examples", type=int, default=512, help="synthetic training examples")
     ap.add_argument("--checkpointing", action="store_true", help="train with gradient_checkpointing=true")
+    ap.add_argument("--no-equivalence", action="store_true", help="time only: skip the two reference runs")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--amp", default="bf16", choices=["bf16", "none"])
     ap.add_argument("--tiny", action="store_true", help="a tiny UnifiedVoice (CPU smoke test; numbers mean nothing)")
@@ -184,6 +220,8 @@ def main(argv: list[str] | None = None) -> dict:
                                    "temporary folder); the runs always go to a temporary folder")
     ap.add_argument("--uv-site", default=os.environ.get("UV_SITE"), help="PYTHONPATH entry with indextts + "
                                                                         "transformers 4.52")
+    ap.add_argument("--env", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                    help="an environment variable for the training processes (e.g. PYTORCH_CUDA_ALLOC_CONF=...)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds allowed per torchrun run")
     ap.add_argument("--out", required=True, help="output stem: writes OUT.json, OUT.md, OUT.png")
     args = ap.parse_args(argv)
@@ -205,19 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
         base = runs[0]["samples_per_s"] / runs[0]["gpus"]
         for r in runs:
             r["scaling_efficiency"] = r["samples_per_s"] / (r["gpus"] * base)
-        top = counts[-1]
-        accum = run_training(args, 1, work / f"run-1x{top}", model_dir, manifest,
-                             grad_accum=top)
-        eq = compare_adapters(work / f"run-{top}" / "adapter.safetensors",
-                              work / f"run-1x{top}" / "adapter.safetensors")
-        losses = {r["step"]: r["loss"] for r in accum if "loss" in r and "step_time_s" in r}
-        eq.update(gpus=top, per_gpu_batch=args.batch_size, steps=args.steps, rtol=EQUIVALENCE_RTOL,
-                  max_loss_diff=max(abs(r["loss"] - losses[r["step"]]) for r in records[top] if "step_time_s" in r))
-        # The comparison's resolution: one GPU with a smaller global batch must come out visibly different.
-        eq["one_gpu_half_batch_rel_diff"] = compare_adapters(work / f"run-{counts[0]}" / "adapter.safetensors",
-                                                             work / f"run-1x{top}" / "adapter.safetensors"
-                                                             )["worst_rel_diff"] if counts[0] == 1 else None
-        eq["passed"] = eq["worst_rel_diff"] <= EQUIVALENCE_RTOL
+        eq = None if args.no_equivalence else equivalence(args, counts, records, work, model_dir, manifest)
 
     gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
     res = {"gpu": gpu, "date": datetime.date.today().isoformat(), "command": "python " + " ".join(
@@ -227,8 +253,10 @@ def main(argv: list[str] | None = None) -> dict:
                      f"AdamW{' (fused)' if args.device == 'cuda' else ''}, "
                      f"batch {args.batch_size} per GPU of 90-110 text + 450-520 mel tokens, "
                      f"gradient checkpointing {'on' if args.checkpointing else 'off'}; {args.steps} steps per run, "
-                     f"the first {args.warmup} untimed; NCCL_NVLS_ENABLE=0."),
-           "torch": torch.__version__, "nccl_env": NCCL_SAFETY, "runs": runs, "equivalence": eq}
+                     f"the first {args.warmup} untimed; NCCL_NVLS_ENABLE=0"
+                     + "".join(f", {k}={v}" for k, v in args.env) + "."),
+           "torch": torch.__version__, "nccl_env": NCCL_SAFETY, "env": dict(args.env), "runs": runs,
+           "equivalence": eq}
     stem = Path(args.out)
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
