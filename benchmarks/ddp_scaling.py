@@ -252,7 +252,8 @@ def main(argv: list[str] | None = None) -> dict:
                      f"alpha 16 on the GPT's c_attn/c_proj/c_fc/c_proj, {'bf16 autocast' if args.amp == 'bf16' else 'fp32'}, "
                      f"AdamW{' (fused)' if args.device == 'cuda' else ''}, "
                      f"batch {args.batch_size} per GPU of 90-110 text + 450-520 mel tokens, "
-                     f"gradient checkpointing {'on' if args.checkpointing else 'off'}; {args.steps} steps per run, "
+                     f"gradient checkpointing {'on' if args.checkpointing else 'off'}, the task's other defaults (batches "
+                     f"padded to a multiple of 64 on GPUs); {args.steps} steps per run, "
                      f"the first {args.warmup} untimed; NCCL_NVLS_ENABLE=0"
                      + "".join(f", {k}={v}" for k, v in args.env) + "."),
            "torch": torch.__version__, "nccl_env": NCCL_SAFETY, "env": dict(args.env), "runs": runs,
