@@ -91,6 +91,8 @@ def run_training(args, n_proc: int, out: Path, model_dir: Path, manifest: Path, 
            "--no-tensorboard", "--no-plot", "--no-progress", "--seed", "1234"]
     if args.checkpointing:
         cmd += ["--task-option", "gradient_checkpointing=true"]
+    for option in args.task_option:
+        cmd += ["--task-option", option]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **dict(args.env), **NCCL_SAFETY}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (args.uv_site, str(ROOT), os.environ.get("PYTHONPATH")) if p)
     print(f"[ddp] {n_proc} process(es), batch {args.batch_size} x accumulation {grad_accum}, {args.steps} steps",
@@ -213,6 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--examples", type=int, default=512, help="synthetic training examples")
     ap.add_argument("--checkpointing", action="store_true", help="train with gradient_checkpointing=true")
     ap.add_argument("--no-equivalence", action="store_true", help="time only: skip the two reference runs")
+    ap.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="an IndexTTS2 task option for scripts/train.py (e.g. pad_to_multiple=0)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--amp", default="bf16", choices=["bf16", "none"])
     ap.add_argument("--tiny", action="store_true", help="a tiny UnifiedVoice (CPU smoke test; numbers mean nothing)")
@@ -255,7 +259,8 @@ def main(argv: list[str] | None = None) -> dict:
                      f"gradient checkpointing {'on' if args.checkpointing else 'off'}, the task's other defaults (batches "
                      f"padded to a multiple of 64 on GPUs); {args.steps} steps per run, "
                      f"the first {args.warmup} untimed; NCCL_NVLS_ENABLE=0"
-                     + "".join(f", {k}={v}" for k, v in args.env) + "."),
+                     + "".join(f", {k}={v}" for k, v in args.env) + "".join(f", {o}" for o in args.task_option)
+                     + "."),
            "torch": torch.__version__, "nccl_env": NCCL_SAFETY, "env": dict(args.env), "runs": runs,
            "equivalence": eq}
     stem = Path(args.out)

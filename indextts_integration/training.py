@@ -8,7 +8,7 @@ scripts/train.py --model-dir DIR selects it. Task options (`task_options:` in th
     learn_speaker_latent (false)          also learn one 32 x D speaker latent, saved in the adapter
     max_tokens (0)                        drop examples longer than this many text + code tokens (0 = keep all)
     pad_to_multiple (64)                  on GPUs, pad each batch (masked, exact) to a length that is a multiple
-                                          of this: each new length costs ~0.1 s of setup on an H200 (0 = off)
+                                          of this, so that kernel shapes repeat (0 = off)
     eval_reference_audio, eval_texts, eval_prompt_audio, eval_reference_text, eval_max_mel_tokens
                                           the periodic audio eval of --eval-audio-every (audio_eval.py)
 """
@@ -116,9 +116,10 @@ def make_loss_fn(config: TrainConfig):
         if latent is not None:  # the learned voice replaces the prompt's latent
             batch = {**batch, "conditioning": latent.unsqueeze(0).expand_as(batch["conditioning"])}
         # Trap (measured on an H200, benchmarks/results/h200x2-2026-11-29-ddp-v2.json against -v3.json): a step
-        # whose sequence length had not occurred before took ~0.1 s more, a per-shape setup cost (which library pays
-        # it was not isolated), and with lengths that vary nearly every step is new. Padding to a multiple of 64
-        # leaves few shapes: median step 208 -> 102 ms. CPUs pay no such cost, so they are not padded.
+        # whose sequence length had not occurred before took ~0.1 s more, and with lengths that vary nearly every
+        # step's is new. Padding to a multiple of 64 leaves few shapes: median step 208 -> 102 ms. The cost was
+        # mostly cuDNN attention's plan per length (shape_setup.json), which the loop now avoids
+        # (devices.training_attention); padding still lets GEMM shapes repeat. CPUs pay no setup: not padded.
         multiple = pad_to if batch["codes"].is_cuda else 0
         return gpt_forward(model, GPTBatch(**batch), text_w, mel_w, multiple).loss
 

@@ -23,7 +23,7 @@ IndexTTS2 task options (--task-option KEY=VALUE, or task_options: in the YAML):
   learn_speaker_latent (false)          also learn one 32 x model_dim speaker latent, saved in the adapter
   max_tokens (0)                        skip examples longer than this many text + code tokens (0 = keep all)
   pad_to_multiple (64)                  on GPUs, pad each batch (masked, exact) to a length that is a multiple
-                                        of this: each new length costs ~0.1 s of setup on an H200 (0 = off)
+                                        of this, so that kernel shapes repeat (0 = off)
   eval_reference_audio, eval_texts      with --eval-audio-every N: synthesize eval_texts every N steps and score
   eval_prompt_audio, eval_reference_text  speaker similarity to eval_reference_audio; pick the best checkpoint
   eval_max_mel_tokens (600)             with --best-metric speaker_similarity (indextts_integration/audio_eval.py)

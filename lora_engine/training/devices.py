@@ -28,6 +28,19 @@ def peak_memory_gb(device: torch.device) -> float | None:
     return None
 
 
+def training_attention(device: torch.device) -> ContextManager[Any]:
+    """scaled_dot_product_attention without the cuDNN backend, on CUDA. torch 2.11 prefers cuDNN on an H200, and
+    cuDNN builds a plan the first time it meets a sequence length: 127-146 ms, against flash attention's 0.6 ms,
+    which is also faster at a length seen before (0.60 vs 0.97 ms; benchmarks/results/h200-2026-11-29-shape_setup.json).
+    Training on clips of varied length meets a new length nearly every step. The backward follows the forward's
+    choice, so only the forward needs this."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """`auto` takes the first available of cuda, xpu, mps, cpu; cuda/xpu get index `local_rank` (one per process)."""
     if name == "auto":

@@ -28,7 +28,7 @@ from .checkpoint import (ADAPTER_FILE, STATE_FILE, best_checkpoint, clean_leftov
                          write_checkpoint)
 from .config import TrainConfig
 from .data import BatchStream, fixed_batches
-from .devices import AmpRecipe, amp_recipe, peak_memory_gb
+from .devices import AmpRecipe, amp_recipe, peak_memory_gb, training_attention
 from .distributed import (DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_object,
                           cleanup_distributed, setup_distributed)
 from .metrics import PLOT_FILE, MetricsLog, plot_loss_curve
@@ -180,7 +180,7 @@ def train(config: TrainConfig, task: Task | None = None) -> TrainResult:
                 batch = _to_device(stream.next_batch(), device)
                 no_sync = world > 1 and micro < cfg.grad_accum - 1
                 with train_model.no_sync() if no_sync else contextlib.nullcontext():
-                    with amp.autocast():
+                    with amp.autocast(), training_attention(device):
                         loss = step_model(batch)
                     scaler.scale(loss / cfg.grad_accum).backward()
                 loss_sum += loss.detach().float()
@@ -341,7 +341,7 @@ def evaluate(model: nn.Module, batches: list[list[Any]], collate: Any, loss_fn: 
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of loss * examples, examples]
     with torch.no_grad():
         for examples in batches:
-            with amp.autocast():
+            with amp.autocast(), training_attention(device):
                 loss = loss_fn(model, _to_device(collate(examples), device))
             totals[0] += loss.double() * len(examples)
             totals[1] += len(examples)

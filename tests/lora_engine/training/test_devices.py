@@ -33,3 +33,15 @@ def test_pick_device() -> None:
             pick_device("cuda")
     else:
         assert pick_device("cuda", 0) == torch.device("cuda", 0)
+
+
+def test_training_attention_leaves_out_cudnn_on_cuda_only() -> None:
+    from lora_engine.training.devices import training_attention
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with training_attention(torch.device("cuda")):  # only sets torch's backend flags: runs without a GPU
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    with training_attention(torch.device("cpu")):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before
