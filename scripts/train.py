@@ -39,7 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from lora_engine.training import NonFiniteLossError, TrainConfig, load_config, load_task, train  # noqa: E402
-from lora_engine.training.config import AMP_CHOICES, DEVICE_CHOICES  # noqa: E402
+from lora_engine.training.config import AMP_CHOICES, BASE_DTYPE_CHOICES, DEVICE_CHOICES  # noqa: E402
 
 SYNTHETIC_TASK = "lora_engine.training.synthetic:make_task"
 INDEXTTS_TASK = "indextts_integration.training:make_task"
@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=DEVICE_CHOICES, help="auto picks cuda, xpu, mps, then cpu")
     g.add_argument("--amp", choices=AMP_CHOICES, help="mixed precision: bf16 autocast, fp16 with GradScaler, "
                                                       "none = fp32; auto = bf16 on GPUs that have it, fp32 on CPU")
+    g.add_argument("--base-dtype", choices=BASE_DTYPE_CHOICES,
+                   help="storage of the frozen base weights: auto keeps the checkpoint's (fp32 for IndexTTS2); bf16 "
+                        "halves them (needs --amp bf16; the LoRA factors stay fp32)")
     g.add_argument("--compile", action=B, help="torch.compile the model (first steps are slow while it compiles)")
     g.add_argument("--seed", type=int, help="seed for weights init, data order and dropout")
 

@@ -7,6 +7,7 @@ from typing import Any
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")
 DEVICE_CHOICES = ("auto", "cuda", "mps", "xpu", "cpu")
+BASE_DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclasses.dataclass
@@ -51,6 +52,8 @@ class TrainConfig:
 
     # numerics and device
     amp: str = "auto"
+    base_dtype: str = "auto"                # storage of the frozen base: auto keeps the checkpoint's; bf16/fp16 need
+                                            # the same amp (LoRA factors and optimizer state stay fp32)
     device: str = "auto"
     compile: bool = False
     seed: int = 1234
@@ -97,6 +100,8 @@ class TrainConfig:
 
         need(self.amp in AMP_CHOICES, f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
         need(self.device in DEVICE_CHOICES, f"device must be one of {DEVICE_CHOICES}, got {self.device!r}")
+        need(self.base_dtype in BASE_DTYPE_CHOICES,
+             f"base_dtype must be one of {BASE_DTYPE_CHOICES}, got {self.base_dtype!r}")
         for name in ("batch_size", "grad_accum", "log_every", "bucket_window", "max_nonfinite_in_a_row"):
             need(int(getattr(self, name)) >= 1, f"{name} must be >= 1, got {getattr(self, name)!r}")
         need(self.best_metric_goal in ("auto", "min", "max"),

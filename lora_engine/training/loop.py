@@ -42,6 +42,9 @@ _RESUME_FREE_KEYS = {"resume", "max_steps", "epochs", "progress", "tensorboard",
                      "save_every", "eval_every", "eval_audio_every", "keep_last", "output_dir", "device", "compile"}
 
 
+_BASE_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class NonFiniteLossError(RuntimeError):
     """Training stopped because the loss was NaN/inf too many steps in a row."""
 
@@ -71,6 +74,10 @@ def train(config: TrainConfig, task: Task | None = None) -> TrainResult:
     dist = setup_distributed(cfg.device)
     device, main, world = dist.device, dist.is_main, dist.world_size
     amp = amp_recipe(device, cfg.amp)
+    base_dtype = _BASE_DTYPES[cfg.base_dtype]
+    if base_dtype not in (None, torch.float32) and amp.dtype != base_dtype:
+        raise ValueError(f"base_dtype {cfg.base_dtype} needs --amp {cfg.base_dtype} (here amp is {amp.name} on "
+                         f"{device.type}): without autocast the {cfg.base_dtype} weights would meet fp32 inputs")
     out_dir = Path(cfg.output_dir)
     ckpt_root = out_dir / "checkpoints"
     log: MetricsLog | None = None
@@ -94,6 +101,8 @@ def train(config: TrainConfig, task: Task | None = None) -> TrainResult:
         extras = task.extra_trainables(model) if task.extra_trainables else {}
         for p in extras.values():
             p.requires_grad_(True)
+        if base_dtype is not None:
+            _cast_frozen(model, base_dtype)
         model.to(device)
         # The base is frozen: hash it once here rather than in every save_adapter call (a second per save at
         # IndexTTS2 size).
@@ -424,6 +433,27 @@ def _summary(cfg: TrainConfig, task: Task, amp: AmpRecipe, step: int, max_steps:
             "global_batch": cfg.batch_size * cfg.grad_accum * world, "world_size": world, "amp": amp.name,
             "seed": cfg.seed, "epochs_seen": stream.epoch + stream.offset / max(1, stream.batches_per_epoch),
             "nonfinite_skipped": nonfinite, "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha}
+
+
+_NORMS = tuple(c for c in (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, getattr(nn, "RMSNorm", None),
+                           nn.modules.batchnorm._NormBase) if c is not None)
+
+
+def _cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
+    """Store every floating parameter that does not train, and every floating buffer, in `dtype`: the frozen base
+    at half the memory, while the LoRA factors (and any extra trainable) keep their fp32. Normalisation layers stay
+    fp32 (a few KB): their inputs may be fp32 (a model that mixes fp32 inputs into its residual stream), and a CPU
+    layer_norm refuses fp32 inputs with half weights even under autocast; CUDA's autocast runs them in fp32 anyway."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, _NORMS):
+                continue
+            for p in module._parameters.values():
+                if p is not None and not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+                    p.data = p.data.to(dtype)
+            for name, b in module._buffers.items():
+                if b is not None and b.is_floating_point() and b.dtype != dtype:
+                    module._buffers[name] = b.to(dtype)
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

@@ -178,3 +178,35 @@ def test_several_manifests_with_weights(tmp_path: Path) -> None:
     result = train(cfg)
     assert result.step == 16  # 40 weighted examples an epoch = 8 batches of 5, two epochs
     assert result.val_loss is not None and math.isfinite(result.val_loss)
+
+
+def test_a_bf16_base_trains_like_an_fp32_one_and_its_adapter_fits_the_fp32_base(tmp_path: Path) -> None:
+    from lora_engine import load_adapter
+
+    base = synthetic.make_task()
+    seen: dict[str, torch.dtype] = {}
+
+    def loss_fn(model, batch):
+        seen.update({n: p.dtype for n, p in model.named_parameters()} if not seen else {})
+        return base.loss_fn(model, batch)
+
+    task = Task(base.name, base.build_model, base.load_data, loss_fn, base.default_target_modules)
+    kw = dict(max_steps=40, batch_size=16, amp="bf16", save_every=0, eval_every=0)
+    half = train(small_config(tmp_path / "bf16", base_dtype="bf16", **kw), task)
+    assert {d for n, d in seen.items() if ".lora_" in n} == {torch.float32}  # factors and AdamW state stay fp32
+    assert {d for n, d in seen.items() if ".ln_" in n} == {torch.float32}  # norms too (their inputs may be fp32)
+    frozen = {d for n, d in seen.items() if ".lora_" not in n and ".ln_" not in n}
+    assert frozen == {torch.bfloat16}
+    seen.clear()
+    full = train(small_config(tmp_path / "fp32", **kw), task)
+    assert {d for n, d in seen.items() if ".lora_" not in n} == {torch.float32}
+    assert half.loss < 0.8 * math.log(synthetic.VOCAB) and abs(half.loss - full.loss) < 0.05 * full.loss
+
+    torch.manual_seed(7)  # the fp32 base the run started from: the adapter's fingerprint (bf16 rounding) matches
+    load_adapter(synthetic.build_model(), tmp_path / "bf16" / "adapter.safetensors")
+
+
+def test_a_half_base_without_matching_autocast_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="needs --amp bf16"):
+        train(small_config(tmp_path, base_dtype="bf16", amp="none", max_steps=2))
+    assert not (tmp_path / "checkpoints").exists()
