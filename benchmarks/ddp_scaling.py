@@ -90,7 +90,7 @@ def run_training(args, n_proc: int, out: Path, model_dir: Path, manifest: Path, 
            "--output-dir", str(out), "--batch-size", str(args.batch_size), "--grad-accum", str(grad_accum),
            "--max-steps", str(args.steps), "--lora-rank", "8", "--lora-alpha", "16", "--amp", args.amp,
            "--device", args.device, "--save-every", "0", "--eval-every", "0", "--log-every", "1",
-           "--no-tensorboard", "--no-plot", "--no-progress", "--seed", "1234"]
+           "--no-tensorboard", "--no-plot", "--no-progress", "--seed", "1234", "--base-dtype", args.base_dtype]
     if args.checkpointing:
         cmd += ["--task-option", "gradient_checkpointing=true"]
     for option in args.task_option:
@@ -221,6 +221,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="an IndexTTS2 task option for scripts/train.py (e.g. pad_to_multiple=0)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--amp", default="bf16", choices=["bf16", "none"])
+    ap.add_argument("--base-dtype", default="auto", choices=["auto", "bf16"],
+                    help="scripts/train.py's --base-dtype: auto keeps gpt.pth's fp32, bf16 halves the frozen base")
     ap.add_argument("--tiny", action="store_true", help="a tiny UnifiedVoice (CPU smoke test; numbers mean nothing)")
     ap.add_argument("--work", help="folder that keeps the model dir and the data between calls (default: a "
                                    "temporary folder); the runs always go to a temporary folder")
@@ -256,6 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
                [str(Path(__file__).relative_to(ROOT))] + (argv if argv is not None else sys.argv[1:])),
            "setup": (f"UnifiedVoice {'tiny' if args.tiny else 'full size'} (upstream class, random weights), LoRA r8 "
                      f"alpha 16 on the GPT's c_attn/c_proj/c_fc/c_proj, {'bf16 autocast' if args.amp == 'bf16' else 'fp32'}, "
+                     f"base stored in {'bf16' if args.base_dtype == 'bf16' else 'fp32'}, "
                      f"AdamW{' (fused)' if args.device == 'cuda' else ''}, "
                      f"batch {args.batch_size} per GPU of 90-110 text + 450-520 mel tokens, "
                      f"gradient checkpointing {'on' if args.checkpointing else 'off'}, the task's other defaults (batches "
