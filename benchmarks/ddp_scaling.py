@@ -170,7 +170,8 @@ def markdown(res: dict) -> str:
     lines += ["", f"Equivalence: {eq['gpus']} GPUs x batch {eq['per_gpu_batch']} against 1 GPU x batch "
                   f"{eq['per_gpu_batch']} x accumulation {eq['gpus']}, after {eq['steps']} steps: worst tensor "
                   f"relative difference {eq['worst_rel_diff']:.2e} ({eq['worst_tensor']}), losses differ by at most "
-                  f"{eq['max_loss_diff']:.2e}. The reference run repeated ends {eq['reference_repeat_rel_diff']:.2e} from "
+                  f"{eq['max_loss_diff']:.2e}. The reference run repeated ends "
+                  f"{eq['reference_repeat_rel_diff']:.2e} from "
                   f"itself; tolerance max({eq['rtol']:g}, {NOISE_FACTOR:g} x that) = {eq['tolerance']:.2e}: "
                   f"**{'pass' if eq['passed'] else 'FAIL'}**."]
     if eq.get("one_gpu_half_batch_rel_diff") is not None:
@@ -199,6 +200,21 @@ def plot(res: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def describe(args) -> str:
+    """The run's setup in one sentence, for the report."""
+    parts = [f"UnifiedVoice {'tiny' if args.tiny else 'full size'} (upstream class, random weights)",
+             "LoRA r8 alpha 16 on the GPT's c_attn/c_proj/c_fc/c_proj",
+             "bf16 autocast" if args.amp == "bf16" else "fp32",
+             f"base stored in {'bf16' if args.base_dtype == 'bf16' else 'fp32'}",
+             "AdamW (fused)" if args.device == "cuda" else "AdamW",
+             f"batch {args.batch_size} per GPU of 90-110 text + 450-520 mel tokens",
+             f"gradient checkpointing {'on' if args.checkpointing else 'off'}",
+             "the task's other defaults (batches padded to a multiple of 64 on GPUs)",
+             *args.task_option, *(f"{k}={v}" for k, v in args.env),
+             f"{args.steps} steps per run, the first {args.warmup} untimed", "NCCL_NVLS_ENABLE=0"]
+    return ", ".join(parts) + "."
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -256,16 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
     gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
     res = {"gpu": gpu, "date": datetime.date.today().isoformat(), "command": "python " + " ".join(
                [str(Path(__file__).relative_to(ROOT))] + (argv if argv is not None else sys.argv[1:])),
-           "setup": (f"UnifiedVoice {'tiny' if args.tiny else 'full size'} (upstream class, random weights), LoRA r8 "
-                     f"alpha 16 on the GPT's c_attn/c_proj/c_fc/c_proj, {'bf16 autocast' if args.amp == 'bf16' else 'fp32'}, "
-                     f"base stored in {'bf16' if args.base_dtype == 'bf16' else 'fp32'}, "
-                     f"AdamW{' (fused)' if args.device == 'cuda' else ''}, "
-                     f"batch {args.batch_size} per GPU of 90-110 text + 450-520 mel tokens, "
-                     f"gradient checkpointing {'on' if args.checkpointing else 'off'}, the task's other defaults (batches "
-                     f"padded to a multiple of 64 on GPUs); {args.steps} steps per run, "
-                     f"the first {args.warmup} untimed; NCCL_NVLS_ENABLE=0"
-                     + "".join(f", {k}={v}" for k, v in args.env) + "".join(f", {o}" for o in args.task_option)
-                     + "."),
+           "setup": describe(args),
            "torch": torch.__version__, "nccl_env": NCCL_SAFETY, "env": dict(args.env), "runs": runs,
            "equivalence": eq}
     stem = Path(args.out)

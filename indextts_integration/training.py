@@ -29,8 +29,8 @@ from lora_engine.training.data import TrainData, load_manifest
 from lora_engine.training.task import Task
 
 DEFAULTS = {"text_weight": 0.2, "mel_weight": 0.8, "gpt_dropout": 0.0, "gradient_checkpointing": False,
-            "learn_speaker_latent": False, "max_tokens": 0, "pad_to_multiple": 64, "eval_reference_audio": None, "eval_texts": None,
-            "eval_prompt_audio": None, "eval_reference_text": None, "eval_max_mel_tokens": 600}
+            "learn_speaker_latent": False, "max_tokens": 0, "pad_to_multiple": 64, "eval_reference_audio": None,
+            "eval_texts": None, "eval_prompt_audio": None, "eval_reference_text": None, "eval_max_mel_tokens": 600}
 SPEAKER_LATENT = "speaker_latent"
 
 

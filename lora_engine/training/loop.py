@@ -74,15 +74,16 @@ def train(config: TrainConfig, task: Task | None = None) -> TrainResult:
     dist = setup_distributed(cfg.device)
     device, main, world = dist.device, dist.is_main, dist.world_size
     amp = amp_recipe(device, cfg.amp)
-    base_dtype = _BASE_DTYPES[cfg.base_dtype]
-    if base_dtype not in (None, torch.float32) and amp.dtype != base_dtype:
-        raise ValueError(f"base_dtype {cfg.base_dtype} needs --amp {cfg.base_dtype} (here amp is {amp.name} on "
-                         f"{device.type}): without autocast the {cfg.base_dtype} weights would meet fp32 inputs")
     out_dir = Path(cfg.output_dir)
     ckpt_root = out_dir / "checkpoints"
     log: MetricsLog | None = None
     bar = None
     try:
+        base_dtype = _BASE_DTYPES[cfg.base_dtype]
+        if base_dtype not in (None, torch.float32) and amp.dtype != base_dtype:
+            raise ValueError(f"base_dtype {cfg.base_dtype} needs --amp {cfg.base_dtype} (here amp is {amp.name} on "
+                             f"{device.type}): without autocast the {cfg.base_dtype} weights would meet fp32 inputs")
+
         # ---- output dir: refuse to mix a fresh run into an old one
         if main:
             out_dir.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,8 @@ import torch  # noqa: E402
 
 from indextts_integration import model_dir as md  # noqa: E402
 from indextts_integration.deploy import merged_state_dict, write_merged_gpt  # noqa: E402
-from indextts_integration.gpt_loss import GPTBatch, fix_gradient_checkpointing, gpt_forward, set_gpt_dropout  # noqa: E402,E501
+from indextts_integration.gpt_loss import (GPTBatch, fix_gradient_checkpointing, gpt_forward,  # noqa: E402
+                                           set_gpt_dropout)
 from indextts_integration.targets import preset_targets  # noqa: E402
 from indextts_integration.tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
 from lora_engine import LoRASpec, inject_lora, lora_layers, merge, save_adapter, set_blend, unmerge  # noqa: E402
