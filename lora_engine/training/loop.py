@@ -179,6 +179,7 @@ def train(config: TrainConfig, task: Task | None = None) -> TrainResult:
         last_ckpt: Path | None = resume_from
         nonfinite_in_a_row = 0
         stop_reason = "max_steps"
+        checked_gradients = False
         global_batch = cfg.batch_size * micro_per_step
 
         while step < max_steps:
@@ -194,6 +195,9 @@ def train(config: TrainConfig, task: Task | None = None) -> TrainResult:
                         loss = step_model(batch)
                     scaler.scale(loss / cfg.grad_accum).backward()
                 loss_sum += loss.detach().float()
+            if not checked_gradients:
+                _check_gradients(named_trainables, world, main)
+                checked_gradients = True
             step_loss = (all_reduce_sum(loss_sum / cfg.grad_accum, dist) / world).item()
             lr = scheduler.get_last_lr()[0]
 
@@ -434,6 +438,20 @@ def _summary(cfg: TrainConfig, task: Task, amp: AmpRecipe, step: int, max_steps:
             "global_batch": cfg.batch_size * cfg.grad_accum * world, "world_size": world, "amp": amp.name,
             "seed": cfg.seed, "epochs_seen": stream.epoch + stream.offset / max(1, stream.batches_per_epoch),
             "nonfinite_skipped": nonfinite, "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha}
+
+
+def _check_gradients(named: dict[str, nn.Parameter], world: int, main: bool) -> None:
+    """After the first backward: trainables without a gradient belong to modules the task's loss does not use.
+    One process trains on (they stay at their init) with a warning; under DDP that would fail at the next step with
+    a reduction error naming none of them, so it stops here, before any update."""
+    dead = [n for n, p in named.items() if p.grad is None]
+    if not dead:
+        return
+    msg = (f"{len(dead)} trainable tensor(s) got no gradient in the first step, e.g. {dead[:3]}: the task's loss "
+           "does not use their modules; drop those modules from lora_target_modules")
+    if world > 1:
+        raise RuntimeError(msg + " (under DDP every trainable must take part in every step)")
+    _say(main, "warning: " + msg)
 
 
 _NORMS = tuple(c for c in (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, getattr(nn, "RMSNorm", None),

@@ -61,3 +61,14 @@ def test_two_process_gloo_matches_one_process_and_resumes(tmp_path: Path) -> Non
     again = lora_tensors(ddp_dir / "adapter.safetensors")
     for k in final:
         assert torch.equal(final[k], again[k]), k
+
+
+def test_a_target_the_loss_never_uses_stops_ddp_before_any_update_naming_it(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "scripts" / "train.py"), "--task", "tests.lora_engine.training.spare_task:make_task",
+           "--output-dir", str(tmp_path), "--max-steps", "3", "--device", "cpu", "--amp", "none",
+           "--no-tensorboard", "--no-plot", "--no-progress"]
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode != 0
+    assert "got no gradient in the first step" in proc.stderr and "spare.lora_A.default" in proc.stderr
+    assert not list_checkpoints(tmp_path / "checkpoints")  # stopped before any update or file

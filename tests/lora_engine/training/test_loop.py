@@ -210,3 +210,12 @@ def test_a_half_base_without_matching_autocast_is_refused(tmp_path: Path) -> Non
     with pytest.raises(ValueError, match="needs --amp bf16"):
         train(small_config(tmp_path, base_dtype="bf16", amp="none", max_steps=2))
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_one_process_warns_about_a_target_the_loss_never_uses(tmp_path: Path, capsys) -> None:
+    from .spare_task import make_task
+
+    result = train(small_config(tmp_path, max_steps=2, save_every=0, eval_every=0), make_task())
+    assert result.step == 2
+    err = capsys.readouterr().err
+    assert "warning: 2 trainable tensor(s) got no gradient" in err and "spare.lora_B.default" in err
