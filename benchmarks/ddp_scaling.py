@@ -39,20 +39,15 @@ from benchmarks.unifiedvoice_memory import FULL_GPT  # noqa: E402
 
 # NVLink multicast stays off: a program that uses it can take a shared host's GPUs out of service (device notes).
 NCCL_SAFETY = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-TINY_DIMS = {"model_dim": 64, "heads": 4, "layers": 2, "number_text_tokens": 256,
-             "condition_module": {"output_size": 32, "linear_units": 64, "attention_heads": 2, "num_blocks": 1,
-                                  "input_layer": "conv2d2", "perceiver_mult": 1},
-             "emo_condition_module": {"output_size": 32, "linear_units": 64, "attention_heads": 2, "num_blocks": 1,
-                                      "input_layer": "conv2d2", "perceiver_mult": 1}}
 EQUIVALENCE_RTOL = 2e-2  # bf16 keeps 8 bits of mantissa (eps 7.8e-3); fp32 runs on the CPU agree exactly
 NOISE_FACTOR = 2.0       # ... or twice the single-GPU reference's own run-to-run difference, if that is larger
 
 
 def make_model_dir(root: Path, tiny: bool) -> dict:
     """config.yaml + gpt.pth of a fresh UnifiedVoice (seed 0), the two files the training task reads."""
-    from indextts_integration.tiny_checkpoint import write_gpt
+    from indextts_integration.tiny_checkpoint import TINY_GPT, write_gpt
 
-    gpt = {**FULL_GPT, **(TINY_DIMS if tiny else {})}
+    gpt = {**TINY_GPT, "number_text_tokens": 256} if tiny else dict(FULL_GPT)
     cfg = {"gpt": gpt, "gpt_checkpoint": "gpt.pth"}
     root.mkdir(parents=True, exist_ok=True)
     if not (root / "config.yaml").is_file():  # written last: its presence marks a finished folder
@@ -108,7 +103,8 @@ def run_training(args, n_proc: int, out: Path, model_dir: Path, manifest: Path, 
 
 
 def summarize(records: list[dict], n_proc: int, batch: int, warmup: int) -> dict:
-    times = [r["step_time_s"] for r in records if "step_time_s" in r][warmup:]
+    all_times = [r["step_time_s"] for r in records if "step_time_s" in r]
+    times = all_times[warmup:]
     if not times:
         raise ValueError(f"no timed steps after {warmup} warm-up steps: raise --steps")
     step_ms = 1e3 * statistics.median(times)
@@ -117,7 +113,7 @@ def summarize(records: list[dict], n_proc: int, batch: int, warmup: int) -> dict
     return {"gpus": n_proc, "per_gpu_batch": batch, "global_batch": n_proc * batch, "timed_steps": len(times),
             "step_time_ms": step_ms, "step_time_ms_q1": 1e3 * q[0], "step_time_ms_q3": 1e3 * q[2],
             "samples_per_s": n_proc * batch / (step_ms / 1e3), "peak_memory_gb_per_gpu": peaks,
-            "step_times_ms": [round(1e3 * r["step_time_s"], 2) for r in records if "step_time_s" in r]}
+            "step_times_ms": [round(1e3 * t, 2) for t in all_times]}
 
 
 def compare_adapters(a_path: Path, b_path: Path) -> dict:

@@ -80,9 +80,9 @@ def gpt_forward(model: nn.Module, batch: GPTBatch, text_weight: float = 0.2, mel
 
 
 def _pad_codes(model: nn.Module, batch: GPTBatch, multiple: int) -> GPTBatch:
-    """Codes widened so that 34 conditioning + (text + 2) + (codes + 2) positions are a multiple of `multiple`;
-    left as they are where that would pass the mel position table (max_mel_tokens)."""
-    length = 34 + batch.text_ids.shape[1] + 2 + batch.codes.shape[1] + 2
+    """Codes widened so that (latents + 2 speed) + (text + 2) + (codes + 2) positions, the sequence gpt_forward builds,
+    are a multiple of `multiple`; left as they are where that would pass the mel position table (max_mel_tokens)."""
+    length = batch.conditioning.shape[1] + 2 + batch.text_ids.shape[1] + 2 + batch.codes.shape[1] + 2
     extra = -length % multiple
     if extra == 0 or batch.codes.shape[1] + extra > model.max_mel_tokens:
         return batch

@@ -5,9 +5,12 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import torch
+
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")
 DEVICE_CHOICES = ("auto", "cuda", "mps", "xpu", "cpu")
-BASE_DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
+BASE_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # None: as loaded
+BASE_DTYPE_CHOICES = tuple(BASE_DTYPES)
 
 
 @dataclasses.dataclass

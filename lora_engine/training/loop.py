@@ -26,7 +26,7 @@ from .. import train_casts
 from .checkpoint import (ADAPTER_FILE, STATE_FILE, best_checkpoint, clean_leftovers, latest_checkpoint,
                          list_checkpoints, load_state, prune_checkpoints, rng_state, set_rng_state,
                          write_checkpoint)
-from .config import TrainConfig
+from .config import BASE_DTYPES, TrainConfig
 from .data import BatchStream, fixed_batches
 from .devices import AmpRecipe, amp_recipe, peak_memory_gb, training_attention
 from .distributed import (DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_object,
@@ -40,9 +40,6 @@ BEST_ADAPTER = "adapter_best.safetensors"
 # Config keys that may change between a run and its resume without changing what is computed.
 _RESUME_FREE_KEYS = {"resume", "max_steps", "epochs", "progress", "tensorboard", "plot", "log_every",
                      "save_every", "eval_every", "eval_audio_every", "keep_last", "output_dir", "device", "compile"}
-
-
-_BASE_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -79,7 +76,7 @@ def train(config: TrainConfig, task: Task | None = None) -> TrainResult:
     log: MetricsLog | None = None
     bar = None
     try:
-        base_dtype = _BASE_DTYPES[cfg.base_dtype]
+        base_dtype = BASE_DTYPES[cfg.base_dtype]
         if base_dtype not in (None, torch.float32) and amp.dtype != base_dtype:
             raise ValueError(f"base_dtype {cfg.base_dtype} needs --amp {cfg.base_dtype} (here amp is {amp.name} on "
                              f"{device.type}): without autocast the {cfg.base_dtype} weights would meet fp32 inputs")
