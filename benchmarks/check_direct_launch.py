@@ -1,4 +1,4 @@
-"""Check lora_gemv's direct launch (lora_engine/kernels/lora_gemv_triton.py, DIRECT_LAUNCH) on the GPU.
+"""Check lora_gemv's direct launch (lora_engine/kernels/launch.py, as lora_gemv_triton.LAUNCHER) on the GPU.
 
     python benchmarks/check_direct_launch.py     # on the GPU, well under 30 s; exits 1 on any mismatch
 
@@ -25,7 +25,7 @@ CALLS = 2000
 
 
 def run(x: torch.Tensor, factors: tuple, direct: bool) -> torch.Tensor:
-    lg.DIRECT_LAUNCH = direct
+    lg.LAUNCHER.enabled = direct
     return lg.lora_gemv(x, *factors, "in_out")
 
 
@@ -44,7 +44,7 @@ def host_us(x: torch.Tensor, factors: tuple, direct: bool) -> tuple[float, float
 
 def main() -> int:
     print(f"torch {torch.__version__}, triton {lg.triton.__version__}, {torch.cuda.get_device_name()}")
-    if not lg._DIRECT:
+    if not lg.LAUNCHER.direct:
         print("FAIL: this triton takes the JIT path only (direct launch is written for triton >= 3.6)")
         return 1
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -92,7 +92,7 @@ def main() -> int:
                 failures.append(f"CUDA graph replay {step}: captured direct launch and JIT outputs differ")
     for w in caught:
         failures.append(f"warning: {w.message}")
-    entries = list(lg._compiled.values())
+    entries = list(lg.LAUNCHER.compiled.values())
     print(f"direct-launch entries: {len(entries)}, fallen back to JIT: {sum(e is None for e in entries)}")
     if len(entries) < 3 or None in entries:
         failures.append("the direct path was not taken for every specialization")
@@ -101,7 +101,7 @@ def main() -> int:
         (jit_host, jit_wall), (direct_host, direct_wall) = host_us(xi, factors, False), host_us(xi, factors, True)
         print(f"host us per call, {name}: JIT {jit_host:.1f} (wall {jit_wall:.1f}), "
               f"direct {direct_host:.1f} (wall {direct_wall:.1f}): {jit_host / direct_host:.1f}x")
-    lg.DIRECT_LAUNCH = True
+    lg.LAUNCHER.enabled = True
 
     for f in failures:
         print("FAIL:", f)

@@ -21,19 +21,16 @@ x its short side, padded to 16; R is padded to a power of two >= 16 (tl.dot's mi
 Used by `layers._adapted` for no-grad eager forwards when `applies` says so; `benchmarks/tune_gemv.py` times it and
 sweeps the tile configuration on the GPU.
 
-Triton's interpreter (TRITON_INTERPRET=1, the CPU tests) multiplies bf16 as raw integers and truncates fp32 -> bf16;
-the constexpr INTERPRETER switches in exact workarounds there (fp32 products, round-to-nearest on the bits).
-
-After the first launch for a shape and specialization, the compiled kernel is launched directly (`DIRECT_LAUNCH`):
-Triton's own launch path costs more host time than the kernel takes on the GPU.
+In Triton's interpreter (TRITON_INTERPRET=1, the CPU tests) the constexpr INTERPRETER switches in exact workarounds
+(exact_ops.py). After the first launch for a shape and specialization, the compiled kernel is launched directly
+(launch.py, `LAUNCHER.enabled`): Triton's own launch path costs more host time than the kernel takes on the GPU.
 """
 from __future__ import annotations
 
-import re
-import warnings
-
 import torch
 from torch import Tensor
+
+from .launch import DirectLauncher, interpreting
 
 try:
     import triton
@@ -81,27 +78,7 @@ def default_config(in_dim: int, out_dim: int, rank: int) -> dict:
 
 
 if triton is not None:
-    @triton.jit
-    def _dot(a, b, acc, INTERPRETER: tl.constexpr):
-        """acc + a @ b, fp32 accumulation. Triton's interpreter multiplies bf16 as raw integers, so there the operands
-        go to fp32 first: exact too, a product of two 16-bit floats fits in fp32."""
-        if INTERPRETER:
-            out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            out = tl.dot(a, b, acc)
-        return out
-
-    @triton.jit
-    def _round(v, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
-        """v rounded to nearest even in `dtype`. Triton's interpreter truncates fp32 -> bf16, so there the rounding is
-        done on the fp32 bits first and the truncation that follows is exact."""
-        if INTERPRETER and dtype == tl.bfloat16:
-            bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            out = bits.to(tl.float32, bitcast=True).to(dtype)
-        else:
-            out = v.to(dtype)
-        return out
+    from .exact_ops import dot as _dot, round_to as _round
 
     @triton.jit
     def _lora_gemv_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, K, N, R,
@@ -174,36 +151,10 @@ if triton is not None:
             acc += tl.load(bias_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)[:, None]
         tl.store(y_ptr + offs_m[None, :] * N + offs_n[:, None], _round(acc, cdt, INTERPRETER), mask=out_ok)
 
-    _INTERPRET = type(_lora_gemv_kernel).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1: CPU tensors run
-    _DIRECT = not _INTERPRET and tuple(map(int, re.findall(r"\d+", triton.__version__)[:2])) >= (3, 6)
+    _INTERPRET = interpreting(_lora_gemv_kernel)  # TRITON_INTERPRET=1: CPU tensors run
+    LAUNCHER = DirectLauncher(_lora_gemv_kernel, "lora_gemv")
 else:
-    _INTERPRET = _DIRECT = False
-
-# The trap: Triton's JITFunction.run binds and specializes every argument, builds its cache key and launch metadata
-# in Python on every call, ~25-30 us of host time per launch on the H200 (triton 3.6), more than this kernel runs.
-# So the CompiledKernel that run returns is kept and launched the way run itself launches it (written against
-# triton 3.6 runtime/jit.py, the same in 3.9; older versions take the JIT path):
-#     kernel.run(grid0, grid1, grid2, stream, kernel.function, kernel.packed_metadata, launch_metadata,
-#                launch_enter_hook, launch_exit_hook, *every argument in signature order, constexprs included)
-# The launcher ignores what it is passed for a constexpr, including an int Triton made one (== 1), and trusts the
-# alignment the kernel was compiled for: a call Triton would specialize differently (M == 1, a misaligned pointer)
-# must reach JIT and its own kernel, so `_specialization` is part of the key. Launch hooks keep the JIT path.
-DIRECT_LAUNCH = True
-_compiled: dict[tuple, tuple | None] = {}  # launch key, device, specialization -> (kw, kernel, constexprs); None: JIT
-
-
-def _specialization(ptrs: tuple[Tensor, ...], ints: tuple[int, ...]) -> tuple:
-    """What Triton specializes a launch on beyond the launch key: each pointer's dtype and 16-byte alignment; each
-    int's == 1 (then a constexpr), % 16 == 0 and 32-bit range (triton 3.6 `native_specialize_impl`)."""
-    return (tuple((t.dtype, t.data_ptr() % 16 == 0) for t in ptrs),
-            tuple((v == 1, v % 16 == 0, -2**31 <= v < 2**31) for v in ints))
-
-
-def _jit_only() -> bool:
-    """Whether a launch needs what only JITFunction.run does: launch hooks (profilers), pre-run hooks, TRITON_DEBUG."""
-    rt = triton.knobs.runtime
-    hooks = (getattr(h, "calls", h) for h in (rt.launch_enter_hook, rt.launch_exit_hook))  # HookChain in 3.6
-    return any(hooks) or bool(_lora_gemv_kernel.pre_run_hooks) or rt.debug
+    _INTERPRET, LAUNCHER = False, None
 
 
 def applies(x: Tensor, weight: Tensor, Ac: Tensor) -> bool:
@@ -294,24 +245,8 @@ def lora_gemv(x: Tensor, weight: Tensor, bias: Tensor | None, Ac: Tensor, Bd: Te
     y = torch.empty((*x.shape[:-1], N), dtype=weight.dtype, device=x.device)
     part, count = _partials(y, grid) if grid[1] > 1 else (y, y)
     args = (x, weight, weight if bias is None else bias, Ac, Bd, y, part, count, M, K, N, Ac.shape[0])
-    if not (_DIRECT and DIRECT_LAUNCH and config is None) or _jit_only():
+    if config is not None:  # tiles for this call only: Triton's own launch
         _lora_gemv_kernel[grid](*args, **kw)
-        return y
-    dkey = (key, torch.cuda.current_device(), _specialization(args[:8], args[8:]))  # where JIT launches
-    hit = _compiled.get(dkey, False)
-    if hit and hit[0] is kw:  # compiled for these launch parameters (set_config rebuilds kw)
-        _, kernel, constexprs = hit
-        try:
-            kernel.run(grid[0], grid[1], 1, torch._C._cuda_getCurrentRawStream(dkey[1]), kernel.function,
-                       kernel.packed_metadata, None, None, None, *args, *constexprs)
-            return y
-        except Exception as err:  # another triton's launcher? JIT from now on (a second launch rewrites the same y)
-            warnings.warn(f"lora_gemv: direct launch failed ({err!r}); this launch key takes Triton's JIT launch "
-                          f"from now on")
-            _compiled[dkey] = hit = None
-    kernel = _lora_gemv_kernel[grid](*args, **kw)  # triton 3.x returns the CompiledKernel it launched
-    if hit is not None:  # the first launch of this key and specialization, or the tiles changed
-        ok = getattr(kernel, "function", None) is not None and hasattr(kernel, "packed_metadata")
-        constexprs = tuple(kw[name] for name in _lora_gemv_kernel.arg_names[len(args):])  # in signature order
-        _compiled[dkey] = (kw, kernel, constexprs) if ok else None
+    else:
+        LAUNCHER(grid, args, kw, key)
     return y

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from lora_engine.kernels import lora_gemv_triton as lg
+from lora_engine.kernels.launch import DirectLauncher
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -34,6 +33,7 @@ import itertools, random, sys
 import torch
 from triton.runtime import interpreter
 from lora_engine.kernels import lora_gemv_triton as lg
+from lora_engine.kernels.launch import DirectLauncher
 assert lg._INTERPRET, "the kernel is not running in triton's interpreter"
 layout = sys.argv[1]
 DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -152,7 +152,7 @@ y = lg.lora_gemv(xs, Wl, None, A, B, layout, config=SMALL)
 assert torch.equal(y, lg.lora_gemv(xs.contiguous(), Wl, None, A, B, layout, config=SMALL))
 y1 = lg.lora_gemv(xs[1].contiguous(), Wl, None, A, B, layout, config=SMALL)
 assert y1.shape == (24,) and torch.equal(y1, y[1])
-assert not lg._DIRECT and not lg._compiled  # the interpreter always takes the JIT path
+assert not lg.LAUNCHER.direct and not lg.LAUNCHER.compiled  # the interpreter always takes the JIT path
 print(f"worst {max(errs):.2f} eps")
 print("ok")
 '''
@@ -171,6 +171,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 from lora_engine import LoRASpec, inject_lora, lora_layers, set_blend
 from lora_engine.kernels import lora_gemv_triton as lg
+from lora_engine.kernels.launch import DirectLauncher
 from tests.lora_engine.helpers import TOL, randomize_lora, reference_layer, tiny_gpt2
 assert lg._INTERPRET
 
@@ -303,41 +304,6 @@ def test_default_config_runs_enough_programs_for_narrow_outputs():
         assert cfg["BLOCK_N"] >= 16 and (-(-n_out // cfg["BLOCK_N"]) >= 64)
 
 
-def _triton_specialization(args: tuple) -> tuple:
-    """What the installed triton's JITFunction.run specializes each runtime argument on (its binder's call)."""
-    from triton._C.libtriton import native_specialize_impl
-    from triton.backends.compiler import BaseBackend
-    return tuple(native_specialize_impl(BaseBackend, a, False, True, True) for a in args)
-
-
-INTS = st.one_of(st.sampled_from([0, 1, 2, 3, 8, 15, 16, 17, 32, 1280, 2**31 - 16, 2**31 - 1, 2**31, -2**31, -1]),
-                 st.integers(-2**40, 2**40))
-
-
-@needs_triton
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from([torch.bfloat16, torch.float16, torch.float32]), st.integers(0, 16)),
-                min_size=2, max_size=2), st.lists(INTS, min_size=2, max_size=2))
-def test_direct_launch_key_separates_exactly_what_triton_specializes(ptrs, ints):
-    """Two calls share a direct-launch entry iff triton would bind them to the same compiled kernel: a coarser key
-    would launch a kernel compiled for another alignment or with M == 1 baked in; a finer one recompiles for nothing."""
-    buf = torch.zeros(256, dtype=torch.float32)  # 64-byte aligned; element offsets move the pointer's alignment
-    a, b = (buf.to(dtype)[offset:] for dtype, offset in ptrs)
-    ours = [lg._specialization((t,), (v,)) for t, v in ((a, ints[0]), (b, ints[1]))]
-    theirs = [_triton_specialization((t, v)) for t, v in ((a, ints[0]), (b, ints[1]))]
-    assert (ours[0] == ours[1]) == (theirs[0] == theirs[1]), (ptrs, ints, ours, theirs)
-
-
-def test_direct_launch_key_of_a_decode_call():
-    W, x = torch.zeros(1280, 3840, dtype=torch.bfloat16), torch.zeros(8, 1280)
-    key = lambda x, M, K=1280: lg._specialization((x, W), (M, K, 3840, 8))
-    assert key(x, 2) == key(x, 8)  # 2..8 rows: one kernel, launched directly
-    assert key(x, 1) != key(x, 2)  # M == 1 is a constexpr to triton
-    assert key(x, 2, K=1280) != key(x, 2, K=1288)  # K % 16
-    assert key(x[:, 1:], 2) != key(x, 2) and key(x[:, 4:], 2) == key(x, 2)  # 4 bytes off; 16 bytes off
-    assert key(x.bfloat16(), 2) != key(x, 2)
-
-
 class _FakeCompiled:
     """Stands for triton 3.6's CompiledKernel: records the launcher calls."""
     function, packed_metadata = "function", "packed_metadata"
@@ -372,9 +338,9 @@ def test_direct_launch_after_first_jit_launch_with_fallbacks(monkeypatch):
     log = []
     names = lg._lora_gemv_kernel.arg_names
     fake = _FakeJIT(log, names)
-    monkeypatch.setattr(lg, "_lora_gemv_kernel", fake)
-    monkeypatch.setattr(lg, "_DIRECT", True)
-    monkeypatch.setattr(lg, "_compiled", {})
+    monkeypatch.setattr(lg, "_lora_gemv_kernel", fake)  # per-call tiles: Triton's launch
+    monkeypatch.setattr(lg, "LAUNCHER", DirectLauncher(fake, "lora_gemv"))
+    monkeypatch.setattr(lg.LAUNCHER, "direct", True)
     monkeypatch.setattr(lg, "_launches", {})
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 1000 + device, raising=False)
@@ -416,17 +382,17 @@ def test_direct_launch_after_first_jit_launch_with_fallbacks(monkeypatch):
         gemv(x)
     finally:
         lg.triton.knobs.runtime.launch_enter_hook.remove(print)
-    monkeypatch.setattr(lg, "DIRECT_LAUNCH", False)
+    monkeypatch.setattr(lg.LAUNCHER, "enabled", False)
     gemv(x)
-    monkeypatch.setattr(lg, "DIRECT_LAUNCH", True)
+    monkeypatch.setattr(lg.LAUNCHER, "enabled", True)
     gemv(x)
     assert [e[0] for e in log] == ["jit", "jit", "direct"]
 
     log.clear()
     fake.fail = True
-    lg._compiled.clear()
+    lg.LAUNCHER.compiled.clear()
     gemv(x)
     with pytest.warns(UserWarning, match="direct launch failed"):
         gemv(x)  # the launcher raises: JIT launches this call, and every later one
     gemv(x)
-    assert [e[0] for e in log] == ["jit", "jit", "jit"] and list(lg._compiled.values()) == [None]
+    assert [e[0] for e in log] == ["jit", "jit", "jit"] and list(lg.LAUNCHER.compiled.values()) == [None]

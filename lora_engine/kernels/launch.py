@@ -1,0 +1,92 @@
+"""Launching a Triton kernel without Triton's per-call Python, and the switch for Triton's CPU interpreter.
+
+The trap: Triton's JITFunction.run binds and specializes every argument, builds its cache key and launch metadata
+in Python on every call, ~25-30 us of host time per launch on the H200 (triton 3.6), more than a decode kernel
+runs and as much as a cuBLAS call costs the training step. So the CompiledKernel that run returns is kept and
+launched the way run itself launches it (written against triton 3.6 runtime/jit.py, the same in 3.9; older
+versions take the JIT path):
+    kernel.run(grid0, grid1, grid2, stream, kernel.function, kernel.packed_metadata, launch_metadata,
+               launch_enter_hook, launch_exit_hook, *every argument in signature order, constexprs included)
+The launcher ignores what it is passed for a constexpr, including an int Triton made one (== 1), and trusts the
+alignment the kernel was compiled for: a call Triton would specialize differently (M == 1, a misaligned pointer)
+must reach JIT and its own kernel, so `specialization` is part of the key. Launch hooks keep the JIT path.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+except ImportError:  # the CPU wheel has no triton: the layers use their PyTorch paths
+    triton = None
+
+
+def interpreting(jit_fn) -> bool:
+    """Whether `jit_fn` runs in Triton's interpreter (TRITON_INTERPRET=1: CPU tensors, the CI tests)."""
+    return type(jit_fn).__name__ == "InterpretedFunction"
+
+
+def direct_supported() -> bool:
+    """Whether the installed triton's CompiledKernel.run takes the arguments written above (3.6 and later)."""
+    return triton is not None and tuple(map(int, re.findall(r"\d+", triton.__version__)[:2])) >= (3, 6)
+
+
+def specialization(args: tuple) -> tuple:
+    """What Triton specializes a launch on beyond the launch key: each pointer's dtype and 16-byte alignment; each
+    int's == 1 (then a constexpr), % 16 == 0 and 32-bit range (triton 3.6 `native_specialize_impl`); floats
+    nothing (always fp32); a bool its value (a constexpr passed by position)."""
+    out = []
+    for a in args:
+        if isinstance(a, Tensor):
+            out.append((a.dtype, a.data_ptr() % 16 == 0))
+        elif isinstance(a, bool) or not isinstance(a, int):
+            out.append(a if isinstance(a, bool) else None)
+        else:
+            out.append((a == 1, a % 16 == 0, -2**31 <= a < 2**31))
+    return tuple(out)
+
+
+def _jit_only(jit_fn) -> bool:
+    """Whether a launch needs what only JITFunction.run does: launch hooks (profilers), pre-run hooks, TRITON_DEBUG."""
+    rt = triton.knobs.runtime
+    hooks = (getattr(h, "calls", h) for h in (rt.launch_enter_hook, rt.launch_exit_hook))  # HookChain in 3.6
+    return any(hooks) or bool(jit_fn.pre_run_hooks) or rt.debug
+
+
+class DirectLauncher:
+    """`jit_fn[grid](*args, **kw)`, launched straight through its CompiledKernel after the first JIT launch of each
+    launch key, device and specialization. `kw` (the constexprs and launch options) must be the same object for
+    every call of a key: a new object (other tiles) compiles again. `enabled = False`: always JIT."""
+
+    def __init__(self, jit_fn, name: str):
+        self.jit_fn, self.name, self.enabled = jit_fn, name, True
+        self.direct = direct_supported() and not interpreting(jit_fn)
+        self.compiled: dict[tuple, tuple | None] = {}  # key, device, specialization -> (kw, kernel, constexprs)
+
+    def __call__(self, grid: tuple, args: tuple, kw: dict, key) -> None:
+        if not (self.direct and self.enabled) or _jit_only(self.jit_fn):
+            self.jit_fn[grid](*args, **kw)
+            return
+        device = torch.cuda.current_device()
+        dkey = (key, device, specialization(args))
+        hit = self.compiled.get(dkey, False)
+        g = tuple(grid) + (1,) * (3 - len(grid))
+        if hit and hit[0] is kw:  # compiled for these launch parameters
+            _, kernel, constexprs = hit
+            try:
+                kernel.run(g[0], g[1], g[2], torch._C._cuda_getCurrentRawStream(device), kernel.function,
+                           kernel.packed_metadata, None, None, None, *args, *constexprs)
+                return
+            except Exception as err:  # another triton's launcher? JIT from now on (a relaunch rewrites the outputs)
+                warnings.warn(f"{self.name}: direct launch failed ({err!r}); this launch key takes Triton's JIT "
+                              f"launch from now on")
+                self.compiled[dkey] = hit = None
+        kernel = self.jit_fn[grid](*args, **kw)  # triton 3.x returns the CompiledKernel it launched
+        if hit is not None:  # the first launch of this key and specialization, or the tiles changed
+            ok = getattr(kernel, "function", None) is not None and hasattr(kernel, "packed_metadata")
+            constexprs = tuple(kw[name] for name in self.jit_fn.arg_names[len(args):])  # in signature order
+            self.compiled[dkey] = (kw, kernel, constexprs) if ok else None

@@ -1,0 +1,53 @@
+"""kernels/launch.py: the direct-launch key must separate exactly the launches Triton would compile apart."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lora_engine.kernels import launch
+
+needs_triton = pytest.mark.skipif(launch.triton is None, reason="triton is not importable")
+
+
+def _triton_specialization(args: tuple) -> tuple:
+    """What the installed triton's JITFunction.run specializes each runtime argument on (its binder's call)."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+    return tuple(native_specialize_impl(BaseBackend, a, False, True, True) for a in args)
+
+
+INTS = st.one_of(st.sampled_from([0, 1, 2, 3, 8, 15, 16, 17, 32, 1280, 2**31 - 16, 2**31 - 1, 2**31, -2**31, -1]),
+                 st.integers(-2**40, 2**40))
+
+
+@needs_triton
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([torch.bfloat16, torch.float16, torch.float32]), st.integers(0, 16)),
+                min_size=2, max_size=2), st.lists(INTS, min_size=2, max_size=2),
+       st.lists(st.floats(-1e3, 1e3), min_size=2, max_size=2))
+def test_direct_launch_key_separates_exactly_what_triton_specializes(ptrs, ints, floats):
+    """Two calls share a direct-launch entry iff triton would bind them to the same compiled kernel: a coarser key
+    would launch a kernel compiled for another alignment or with M == 1 baked in; a finer one recompiles for nothing."""
+    buf = torch.zeros(256, dtype=torch.float32)  # 64-byte aligned; element offsets move the pointer's alignment
+    a, b = (buf.to(dtype)[offset:] for dtype, offset in ptrs)
+    calls = ((a, ints[0], floats[0]), (b, ints[1], floats[1]))
+    ours = [launch.specialization(c) for c in calls]
+    theirs = [_triton_specialization(c) for c in calls]
+    assert (ours[0] == ours[1]) == (theirs[0] == theirs[1]), (ptrs, ints, floats, ours, theirs)
+
+
+def test_direct_launch_key_of_a_decode_call():
+    W, x = torch.zeros(1280, 3840, dtype=torch.bfloat16), torch.zeros(8, 1280)
+    key = lambda x, M, K=1280: launch.specialization((x, W, M, K, 3840, 8))  # noqa: E731
+    assert key(x, 2) == key(x, 8)  # 2..8 rows: one kernel, launched directly
+    assert key(x, 1) != key(x, 2)  # M == 1 is a constexpr to triton
+    assert key(x, 2, K=1280) != key(x, 2, K=1288)  # K % 16
+    assert key(x[:, 1:], 2) != key(x, 2) and key(x[:, 4:], 2) == key(x, 2)  # 4 bytes off; 16 bytes off
+    assert key(x.bfloat16(), 2) != key(x, 2)
+
+
+def test_constexpr_flags_passed_by_position_are_part_of_the_key():
+    """lora_train_triton passes HAS_BIAS by position: two launches that differ only there must not share a kernel."""
+    x = torch.zeros(4)
+    assert launch.specialization((x, True)) != launch.specialization((x, False))
+    assert launch.specialization((x, 1.5)) == launch.specialization((x, -3.0))  # floats: always fp32
