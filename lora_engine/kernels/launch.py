@@ -59,8 +59,9 @@ def _jit_only(jit_fn) -> bool:
 
 class DirectLauncher:
     """`jit_fn[grid](*args, **kw)`, launched straight through its CompiledKernel after the first JIT launch of each
-    launch key, device and specialization. `kw` (the constexprs and launch options) must be the same object for
-    every call of a key: a new object (other tiles) compiles again. `enabled = False`: always JIT."""
+    launch key, `kw` object, device and specialization. `kw` (the constexprs and launch options) is told apart by
+    identity, not compared: callers keep one object per configuration (a new object, e.g. other tiles, compiles
+    again; two live ones under one key never take turns evicting each other). `enabled = False`: always JIT."""
 
     def __init__(self, jit_fn, name: str):
         self.jit_fn, self.name, self.enabled = jit_fn, name, True
@@ -72,10 +73,10 @@ class DirectLauncher:
             self.jit_fn[grid](*args, **kw)
             return
         device = torch.cuda.current_device()
-        dkey = (key, device, specialization(args))
+        dkey = (key, id(kw), device, specialization(args))
         hit = self.compiled.get(dkey, False)
         g = tuple(grid) + (1,) * (3 - len(grid))
-        if hit and hit[0] is kw:  # compiled for these launch parameters
+        if hit and hit[0] is kw:  # compiled for these launch parameters (the id of a freed kw may come back)
             _, kernel, constexprs = hit
             try:
                 kernel.run(g[0], g[1], g[2], torch._C._cuda_getCurrentRawStream(device), kernel.function,

@@ -51,3 +51,46 @@ def test_constexpr_flags_passed_by_position_are_part_of_the_key():
     x = torch.zeros(4)
     assert launch.specialization((x, True)) != launch.specialization((x, False))
     assert launch.specialization((x, 1.5)) == launch.specialization((x, -3.0))  # floats: always fp32
+
+
+class _FakeCompiled:
+    function, packed_metadata = "function", "packed_metadata"
+
+    def __init__(self, log):
+        self.log = log
+
+    def run(self, *args):
+        self.log.append("direct")
+
+
+class _FakeJIT:
+    arg_names = ("x", "BLOCK")
+    pre_run_hooks: list = []
+
+    def __init__(self, log):
+        self.log = log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.log.append("jit")
+            return _FakeCompiled(self.log)
+        return launch
+
+
+@needs_triton
+def test_two_configurations_under_one_key_do_not_evict_each_other(monkeypatch):
+    """Two layers with the same launch key but their own tiles (kw objects): each compiles once, then both launch
+    directly, however their calls interleave."""
+    log = []
+    launcher = launch.DirectLauncher(_FakeJIT(log), "fake")
+    launcher.direct = True
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 7, raising=False)
+    kw_a, kw_b = {"BLOCK": 16}, {"BLOCK": 32}
+    x = torch.zeros(8)
+    for _ in range(3):
+        launcher((1,), (x,), kw_a, "key")
+        launcher((1,), (x,), kw_b, "key")
+    assert log == ["jit", "jit"] + ["direct"] * 4
+    launcher((1,), (x,), {"BLOCK": 16}, "key")  # an equal but new object: compiled again, as after set_config
+    assert log[-1] == "jit"
