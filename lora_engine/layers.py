@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .functional import (base_linear, check_rows, compute_dtype, fold_scale, kept_lora_linear, lora_embedding,
                          lora_linear, lora_linear_cached, lora_linear_reference)
 from . import compiled_op, optimizer_steps, train_casts
-from .kernels import lora_gemv_triton
+from .kernels import lora_gemv_triton, lora_train_triton
 from .train_casts import cast_factors
 
 BlendWeight = float | Tensor
@@ -28,6 +28,7 @@ class LoRALayer(nn.Module):
     layout = "out_in"  # how the base weight is stored; "in_out" for Conv1D and Embedding
     compiled_form = "rank1"  # how torch.compile sees a training forward: one of compiled_op.FORMS
     keep_cast_base = True  # eager training under autocast keeps the cast base weight between steps (train_casts.py)
+    fused_training = True  # eager training's usual case through kernels/lora_train_triton.py where it applies
 
     def __init__(self, base: nn.Module):
         super().__init__()
@@ -228,6 +229,19 @@ def training_casts(layer: LoRALayer, A: Tensor, B: Tensor, ct: torch.dtype, weig
     return cast_factors(layer, A, B, ct, *((weight, bias, layer.layout) if kept else ()))
 
 
+def _fused_ops(layer: LoRALayer, copies, weight: Tensor, bias: Tensor | None) -> tuple | None:
+    """(W, bias, Ac, Bc, layout) for lora_train_triton: the kept cast base ([out, in], its bias [b; 0]) or a base
+    stored in the compute dtype as it is; None when the layer does not take the fused kernels."""
+    if not layer.fused_training:
+        return None
+    if copies.kept is not None:
+        _, bias_c, W, Ac, Bc, _ = copies.kept
+        return W, bias_c, Ac, Bc, "out_in"
+    if weight.dtype == copies.dtype:
+        return weight, bias, copies.Ac, copies.Bc, layer.layout
+    return None
+
+
 def _adapted(layer: LoRALayer, x: Tensor) -> Tensor:
     weight, bias = layer.base_params()
     if layer.use_reference(weight, bias):
@@ -249,8 +263,12 @@ def _adapted(layer: LoRALayer, x: Tensor) -> Tensor:
         names = list(layer.blend)
         A, B = layer.factor_pair(names[0]) if len(names) == 1 else layer.stacked(names)
         copies = training_casts(layer, A, B, compute_dtype(x), weight, bias) if len(names) == 1 else None
-        if copies is not None and copies.kept is not None and layer.uniform_scale is not None:
-            return kept_lora_linear(x, A, B, copies.kept, layer.uniform_scale)  # the usual case, fewest calls
+        if copies is not None and layer.uniform_scale is not None:  # the usual case: one adapter, one scale
+            ops = _fused_ops(layer, copies, weight, bias)
+            if ops is not None and lora_train_triton.applies(x, ops[0], ops[2]):
+                return lora_train_triton.fused_lora_linear(x, A, B, ops, layer.uniform_scale)  # five launches
+            if copies.kept is not None:
+                return kept_lora_linear(x, A, B, copies.kept, layer.uniform_scale)  # fewest torch calls
         return lora_linear(x, weight, bias, A, B, d, layer.layout, layer.uniform_scale,
                            None if copies is None else copies.tensors())
     # no grad, eager: cached cast factors; one fused launch for a few rows (decode), else two small GEMMs

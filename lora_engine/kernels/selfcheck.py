@@ -146,6 +146,58 @@ def check_training_path(dtype: torch.dtype) -> str:
     return f"training fast path (bf16 autocast, {dtype} base): rel errs {', '.join(f'{e:.1e}' for e in errs)}"
 
 
+def check_fused_training(kind: str, base_dtype: torch.dtype, rank: int, n_in: int, n_out: int, rows: tuple,
+                         dev: str = "cuda") -> str:
+    """One LoRA layer's training step (bf16 autocast, fp32 x as LayerNorm gives it) through the fused kernels
+    (kernels/lora_train_triton.py) against the PyTorch fast path and float64: y, dx, dA, dB each within
+    max(2x the PyTorch path's error, 4e-3) of float64, the same bits on a second step. `kind` "linear" or "conv";
+    `base_dtype` fp32 (the kept cast base) or bf16 (a base stored in the compute dtype); `rows` x's leading dims
+    (ragged on purpose). `dev` "cpu" runs it in Triton's interpreter (the CI tests)."""
+    from transformers.pytorch_utils import Conv1D
+    torch.manual_seed(rank + n_in)
+    base = nn.Linear(n_in, n_out) if kind == "linear" else Conv1D(n_out, n_in)
+    nn.init.normal_(base.weight, std=n_in ** -0.5)
+    nn.init.normal_(base.bias, std=0.1)
+    model = nn.Sequential(base).to(dev).requires_grad_(False)
+    inject_lora(model, LoRASpec(["0"], rank=rank, alpha=2 * rank), "a")
+    model.to(base_dtype)  # the factors stay fp32 masters below
+    layer = lora_layers(model)["0"]
+    A, B = layer.lora_A["a"], layer.lora_B["a"]
+    with torch.no_grad():
+        A.data, B.data = A.data.float(), B.data.float().normal_(0, 0.3)  # the LoRA term matters
+    x = torch.randn(*rows, n_in, device=dev)
+    g = torch.randn(*rows, n_out, device=dev)
+
+    def step(fused: bool) -> tuple:
+        layer.fused_training = fused
+        xg = x.clone().requires_grad_(True)
+        A.grad = B.grad = None
+        with torch.autocast(dev, dtype=torch.bfloat16):
+            y = model(xg)
+        took = type(y.grad_fn).__name__
+        y.float().backward(g)
+        return took, (y, xg.grad, A.grad, B.grad)
+    took, fused = step(True)
+    assert took == "FusedLoRAFnBackward", f"fused training kernels not taken ({kind}, {base_dtype}): {took}"
+    assert all(torch.equal(a, b) for a, b in zip(fused, step(True)[1])), "fused training: a second step differs"
+    _, plain = step(False)
+    layer.fused_training = True
+    r = lambda t: t.detach().to(torch.bfloat16).double()  # noqa: E731  the operands autocast rounds
+    W = r(layer.weight) if layer.layout == "out_in" else r(layer.weight).t()
+    xd, Ad, Bd = r(x).requires_grad_(), r(A).requires_grad_(), r(B).requires_grad_()
+    yd = xd @ W.t() + r(layer.bias) + layer.scaling["a"] * (xd @ Ad.t()) @ Bd.t()
+    yd.backward(g.double())
+    errs = []
+    for name, f, p, want in zip(("y", "dx", "dA", "dB"), fused, plain, (yd, xd.grad, Ad.grad, Bd.grad)):
+        ef, ep = (((t.double() - want).norm() / want.norm()).item() for t in (f, p))
+        assert f.dtype == p.dtype and f.shape == p.shape, \
+            f"fused {name}: {f.dtype} {f.shape}, PyTorch {p.dtype} {p.shape}"
+        assert ef <= max(2 * ep, 4e-3), f"fused training {name} ({kind}, {base_dtype}, r{rank}): {ef:.1e} vs {ep:.1e}"
+        errs.append(ef)
+    return (f"fused training {kind} {base_dtype} r{rank} {n_in}->{n_out} x{list(rows)}: rel errs vs float64 "
+            + ", ".join(f"{e:.1e}" for e in errs))
+
+
 def check_decode_kernel(layout: str, n_adapters: int) -> str:
     """The one-launch decode kernel (lora_gemv_triton) against the two-GEMM cached path and float64, with decode's
     tiles and, on the long-input layer, SPLIT 4 and 8 (what tune_gemv.py sweeps there); the same bits on 20
@@ -218,4 +270,9 @@ def run_all() -> list[str]:
     for layout in ("in_out", "out_in"):
         for n in (1, 4):
             lines.append(check_decode_kernel(layout, n))
+    for kind, base_dtype, rank, n_in, n_out, rows in (
+            ("conv", torch.float32, 8, 1280, 3840, (8, 512)), ("conv", torch.float32, 16, 5120, 1280, (8, 512)),
+            ("linear", torch.float32, 8, 200, 333, (3, 111)), ("conv", torch.bfloat16, 12, 333, 200, (1, 97)),
+            ("linear", torch.bfloat16, 64, 1280, 1280, (2, 300)), ("conv", torch.float32, 1, 96, 80, (5, 13))):
+        lines.append(check_fused_training(kind, base_dtype, rank, n_in, n_out, rows))
     return lines

@@ -1,0 +1,329 @@
+"""Fused LoRA training GEMMs (CUDA, Triton): the LoRA terms ride in the base GEMMs' epilogues.
+
+An eager training step at IndexTTS2's GPT shape is bound by the host: every cuBLAS call costs tens of microseconds
+of CPU, and the PyTorch path (functional._KeptLoRAFn) makes seven per layer where the frozen base makes two
+(benchmarks/NOTES.md (13), (23)); its skinny LoRA GEMMs also pass over every output and input gradient once more.
+Here a layer takes five launches, and the rank-R products add no pass over an output or an input gradient:
+
+    forward    h  = xr Ac^T                                      rows pass over x (xr stored when x is fp32:
+                                                                 the cast autocast would make anyway)
+               y  = xr W^T + b + s h Bc^T                        the base GEMM, the LoRA term in its epilogue
+    backward   u  = dy Bc                                        rows pass over dy
+               dx = dy W + s u Ac                                the base GEMM, written in x's own dtype
+               dA = s u^T xr,  dB = s dy^T h                     one launch (fp32, both factors' programs)
+
+xr is x rounded to the compute dtype as autocast rounds it; h, u are rounded to it (as the cuBLAS path stores
+them). Products accumulate in fp32; y and dx are rounded once. W(k, n) is read through strides, so the kept cast
+base ([out, in]) and a 16-bit base stored as nn.Linear ([out, in]) or transformers Conv1D ([in, out]) all work.
+The GEMMs' main loops hold the base product alone: with h accumulated beside it (a second tl.dot per step) they
+ran 2-5x slower than cuBLAS (NOTES.md (26)). dA and dB come from one launch: each program owns a block of dA's
+columns or dB's rows and sums all M rows in a fixed order (the same bits on every run, which exact resume needs).
+
+Used by `layers._adapted` for the usual training case when `applies` says so (`LoRALayer.fused_training`);
+`benchmarks/tune_train.py` sweeps the tiles on the GPU, kernels/selfcheck.py checks them there, and the CPU tests
+run them in Triton's interpreter.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .launch import DirectLauncher, interpreting
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU wheel has no triton: layers use the PyTorch path
+    triton = None
+
+if triton is not None:
+    from .exact_ops import dot as _dot, round_to as _round
+
+MAX_RANK = 64  # R padded to <= 64 keeps the h / u accumulators and the factor tiles small beside the base tile
+MIN_ROWS = 64  # below this many rows the GEMMs are not what a step spends its time on: the PyTorch path
+_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _gemm_tiles(block_m: int, block_n: int, block_k: int, warps: int, stages: int) -> dict:
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8, "num_warps": warps,
+            "num_stages": stages}
+
+
+# (in, out) -> tiles per pass: the fastest of benchmarks/tune_train.py on an H100 (h100-2026-12-05-tune_train-v25)
+TUNED: dict[tuple[int, int], dict[str, dict]] = {
+    (1280, 3840): {"rows": {"BLOCK_M": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
+                   "fwd": _gemm_tiles(64, 128, 64, 4, 4), "dx": _gemm_tiles(64, 128, 64, 4, 4),
+                   "grads": {"BLOCK_F": 32, "BLOCK_M": 256, "num_warps": 4, "num_stages": 3}},
+    (1280, 1280): {"rows": {"BLOCK_M": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
+                   "fwd": _gemm_tiles(128, 128, 64, 8, 3), "dx": _gemm_tiles(128, 128, 64, 8, 4),
+                   "grads": {"BLOCK_F": 32, "BLOCK_M": 256, "num_warps": 4, "num_stages": 3}},
+    (1280, 5120): {"rows": {"BLOCK_M": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
+                   "fwd": _gemm_tiles(64, 128, 64, 4, 4), "dx": _gemm_tiles(64, 128, 64, 4, 4),
+                   "grads": {"BLOCK_F": 32, "BLOCK_M": 256, "num_warps": 4, "num_stages": 3}},
+    (5120, 1280): {"rows": {"BLOCK_M": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
+                   "fwd": _gemm_tiles(128, 128, 64, 8, 4), "dx": _gemm_tiles(256, 128, 64, 8, 3),
+                   "grads": {"BLOCK_F": 32, "BLOCK_M": 256, "num_warps": 4, "num_stages": 3}}}
+DEFAULTS = {"rows": {"BLOCK_M": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},  # other shapes
+            "fwd": _gemm_tiles(128, 128, 64, 8, 3), "dx": _gemm_tiles(128, 128, 64, 8, 3),
+            "grads": {"BLOCK_F": 32, "BLOCK_M": 128, "num_warps": 4, "num_stages": 3}}
+
+
+if triton is not None:
+    @triton.jit
+    def _grouped(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """(row block, column block) of program `pid`, GROUP_M row blocks at a time so that they share the weight
+        tiles in L2."""
+        num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        group = GROUP_M * num_n
+        first = (pid // group) * GROUP_M
+        size = tl.minimum(num_m - first, GROUP_M)
+        return first + (pid % group) % size, (pid % group) // size
+
+    @triton.jit
+    def _rows_kernel(p_ptr, q_ptr, out_ptr, pr_ptr, M, K, R, sqr, sqk, STORE_PR: tl.constexpr, R_PAD: tl.constexpr,
+                     INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out [M, R] = round(pr Q^T) for BLOCK_M rows, pr = P [M, K] rounded to the compute dtype (Q's), Q(r, k) at
+        q_ptr + r sqr + k sqk: h = xr Ac^T (Q = Ac) and u = dy Bc (Q(r, n) = Bc[n, r]). STORE_PR: pr stored too
+        (P arrives in fp32: the cast autocast would make, in the same pass)."""
+        cdt = q_ptr.dtype.element_ty
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_r = tl.arange(0, R_PAD)
+        m_ok, r_ok = offs_m < M, offs_r < R
+        acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            ok = m_ok[:, None] & (offs_k < K)[None, :]
+            pr = _round(tl.load(p_ptr + offs_m[:, None] * K + offs_k[None, :], mask=ok, other=0.0), cdt, INTERPRETER)
+            if STORE_PR:
+                tl.store(pr_ptr + offs_m[:, None] * K + offs_k[None, :], pr, mask=ok)
+            qt = tl.load(q_ptr + offs_r[None, :] * sqr + offs_k[:, None] * sqk,
+                         mask=(offs_k < K)[:, None] & r_ok[None, :], other=0.0)  # Q^T tile [BLOCK_K, R_PAD]
+            acc = _dot(pr, qt, acc, INTERPRETER)
+        tl.store(out_ptr + offs_m[:, None] * R + offs_r[None, :], _round(acc, cdt, INTERPRETER),
+                 mask=m_ok[:, None] & r_ok[None, :])
+
+    @triton.jit
+    def _gemm_kernel(a_ptr, w_ptr, p_ptr, q_ptr, bias_ptr, out_ptr, s, M, N, K, R, swk, swn, sqr, sqn,
+                     HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr, INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        """out [M, N] = a W + s p Q (+ bias) for one [BLOCK_M, BLOCK_N] tile, rounded once to out's dtype: a [M, K]
+        row-major in the compute dtype, W(k, n) at w_ptr + k swk + n swn, p [M, R] row-major, Q(r, n) at
+        q_ptr + r sqr + n sqn. The main loop is the base GEMM alone (one tl.dot: a second one in the loop stalls the
+        MMA pipeline, NOTES.md (26)); the rank-R term and the bias are added in the epilogue.
+        Forward: a = xr, W = the base's W^T, p = h, Q = Bc^T. Backward: a = dy, W = the base's W, p = u, Q = Ac."""
+        cdt = w_ptr.dtype.element_ty
+        pid_m, pid_n = _grouped(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_r = tl.arange(0, R_PAD)
+        m_ok, n_ok, r_ok = offs_m < M, offs_n < N, offs_r < R
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            a = tl.load(a_ptr + offs_m[:, None] * K + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + offs_k[:, None] * swk + offs_n[None, :] * swn, mask=k_ok[:, None] & n_ok[None, :],
+                        other=0.0)  # [BLOCK_K, BLOCK_N]
+            acc = _dot(a, w, acc, INTERPRETER)
+        p = tl.load(p_ptr + offs_m[:, None] * R + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        q = tl.load(q_ptr + offs_r[:, None] * sqr + offs_n[None, :] * sqn, mask=r_ok[:, None] & n_ok[None, :],
+                    other=0.0)  # [R_PAD, BLOCK_N]
+        acc += s * _dot(p, q, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INTERPRETER)
+        if HAS_BIAS:
+            b = _round(tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0), cdt, INTERPRETER)  # as autocast casts it
+            acc += b.to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], _round(acc, out_ptr.dtype.element_ty, INTERPRETER),
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _sum_rows(p_ptr, q_ptr, out_ptr, s, M, F, R, f0, sf, sr, R_PAD: tl.constexpr, INTERPRETER: tl.constexpr,
+                  BLOCK_F: tl.constexpr, BLOCK_M: tl.constexpr):
+        """out(f, r) = s sum_m P[m, f] Q[m, r] for BLOCK_F columns f of P [M, F] from f0, Q [M, R], all rows in order;
+        out(f, r) at out_ptr + f sf + r sr, fp32."""
+        offs_f = f0 + tl.arange(0, BLOCK_F)
+        offs_r = tl.arange(0, R_PAD)
+        f_ok, r_ok = offs_f < F, offs_r < R
+        acc = tl.zeros((BLOCK_F, R_PAD), dtype=tl.float32)
+        for m0 in range(0, M, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < M
+            pt = tl.load(p_ptr + offs_m[None, :] * F + offs_f[:, None], mask=f_ok[:, None] & m_ok[None, :],
+                         other=0.0)  # P^T tile [BLOCK_F, BLOCK_M]
+            q = tl.load(q_ptr + offs_m[:, None] * R + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :],
+                        other=0.0)  # Q tile [BLOCK_M, R_PAD]
+            acc = _dot(pt, q, acc, INTERPRETER)
+        tl.store(out_ptr + offs_f[:, None] * sf + offs_r[None, :] * sr, acc * s, mask=f_ok[:, None] & r_ok[None, :])
+
+    @triton.jit
+    def _grads_kernel(x_ptr, u_ptr, dy_ptr, h_ptr, da_ptr, db_ptr, s, M, N, K, R,
+                      R_PAD: tl.constexpr, INTERPRETER: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_M: tl.constexpr):
+        """dA [R, K] = s u^T xr and dB [N, R] = s dy^T h in fp32: the first cdiv(K, BLOCK_F) programs own BLOCK_F
+        columns of dA each, the rest BLOCK_F rows of dB."""
+        pid = tl.program_id(0)
+        n_a = tl.cdiv(K, BLOCK_F)
+        if pid < n_a:  # dA^T block: P = xr [M, K], Q = u
+            _sum_rows(x_ptr, u_ptr, da_ptr, s, M, K, R, pid * BLOCK_F, 1, K, R_PAD, INTERPRETER, BLOCK_F, BLOCK_M)
+        else:  # dB block: P = dy [M, N], Q = h
+            _sum_rows(dy_ptr, h_ptr, db_ptr, s, M, N, R, (pid - n_a) * BLOCK_F, R, 1, R_PAD, INTERPRETER, BLOCK_F,
+                      BLOCK_M)
+
+    _INTERPRET = interpreting(_gemm_kernel)
+    _LAUNCH = {"rows": DirectLauncher(_rows_kernel, "lora_train rows"),
+               "gemm": DirectLauncher(_gemm_kernel, "lora_train gemm"),
+               "grads": DirectLauncher(_grads_kernel, "lora_train grads")}
+else:
+    _INTERPRET, _LAUNCH = False, {}
+
+_configs: dict[tuple, dict] = {}  # (in, out, R, pass) -> the kw of its launches (one object per key: DirectLauncher)
+
+
+def set_config(in_dim: int, out_dim: int, which: str, config: dict | None) -> None:
+    """Use these tiles for pass `which` ("rows", "fwd", "dx", "grads") of every [in -> out] layer; None: the
+    default. For "dx" BLOCK_N is dx's output columns and BLOCK_K the step over the layer's outputs."""
+    if which not in DEFAULTS:
+        raise ValueError(f"lora_train_triton: the passes are {sorted(DEFAULTS)}, got {which!r}")
+    tiles = TUNED.setdefault((in_dim, out_dim), {})
+    if config is None:
+        tiles.pop(which, None)
+    else:
+        tiles[which] = dict(config)
+    _configs.clear()
+
+
+def _kw(in_dim: int, out_dim: int, rank: int, which: str) -> dict:
+    key = (in_dim, out_dim, rank, which)
+    kw = _configs.get(key)
+    if kw is None:
+        tiles = {**DEFAULTS[which], **TUNED.get((in_dim, out_dim), {}).get(which, {})}
+        kw = _configs[key] = dict(R_PAD=max(16, triton.next_power_of_2(rank)), INTERPRETER=_INTERPRET, **tiles)
+    return kw
+
+
+def applies(x: Tensor, W: Tensor, Ac: Tensor) -> bool:
+    """Whether the fused kernels take this training forward: triton; x, W and Ac on the current CUDA device (CPU
+    tensors under TRITON_INTERPRET=1); at least MIN_ROWS rows; a bf16/fp16 W with one unit stride in the compute
+    dtype (Ac's); rank <= MAX_RANK; x in a float dtype; not while torch.compile traces."""
+    if triton is None or torch.compiler.is_compiling():
+        return False
+    if x.is_cuda:
+        if not (W.is_cuda and Ac.is_cuda and x.get_device() == W.get_device() == Ac.get_device()
+                == torch.cuda.current_device()):
+            return False
+    elif not (_INTERPRET and x.device.type == W.device.type == Ac.device.type == "cpu"):
+        return False
+    return (x.dim() >= 2 and x.numel() >= MIN_ROWS * x.shape[-1] and x.dtype in (torch.float32, *_DTYPES)
+            and W.dtype in _DTYPES and Ac.dtype == W.dtype and W.dim() == 2 and 1 in W.stride()
+            and Ac.shape[0] <= MAX_RANK)
+
+
+def _strides(W: Tensor, layout: str) -> tuple[int, int]:
+    """(stride of k, stride of n) for W(k, n) = the base weight's [in, out] element: "out_in" W [out, in]."""
+    return (W.stride(1), W.stride(0)) if layout == "out_in" else (W.stride(0), W.stride(1))
+
+
+def _rows(P: Tensor, Q: Tensor, sqr: int, sqk: int, R: int, which: tuple) -> tuple[Tensor, Tensor]:
+    """(round(Pr Q^T) [M, R], Pr): Pr is P itself when it is already in Q's dtype, else P rounded (stored)."""
+    M, K = P.shape
+    cdt = Q.dtype
+    out = torch.empty(M, R, dtype=cdt, device=P.device)
+    store = P.dtype != cdt
+    pr = torch.empty(M, K, dtype=cdt, device=P.device) if store else P
+    kw = _kw(*which, R, "rows")
+    _LAUNCH["rows"]((triton.cdiv(M, kw["BLOCK_M"]),), (P, Q, out, pr, M, K, R, sqr, sqk, store), kw, (K, R, store))
+    return out, pr
+
+
+def _gemm(a: Tensor, W: Tensor, swk: int, swn: int, p: Tensor, Q: Tensor, sqr: int, sqn: int, bias: Tensor | None,
+          s: float, N: int, out_dtype: torch.dtype, which: tuple, pass_: str) -> Tensor:
+    M, K = a.shape
+    out = torch.empty(M, N, dtype=out_dtype, device=a.device)
+    kw = _kw(*which, p.shape[1], pass_)
+    grid = (triton.cdiv(M, kw["BLOCK_M"]) * triton.cdiv(N, kw["BLOCK_N"]),)
+    args = (a, W, p, Q, W if bias is None else bias, out, float(s), M, N, K, p.shape[1], swk, swn, sqr, sqn,
+            bias is not None)  # HAS_BIAS by position: part of the launch key
+    _LAUNCH["gemm"](grid, args, kw, (pass_, K, N, bias is not None))
+    return out
+
+
+def lora_forward(x2: Tensor, W: Tensor, bias: Tensor | None, Ac: Tensor, Bc: Tensor, s: float, layout: str
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """(y [M, out], h [M, R], xr [M, in]) for 2-D contiguous x2; W in `layout`, Ac [R, in], Bc [out, R], bias [>= out]
+    in W's dtype. xr is x2 itself when it is already in W's dtype. Two launches: h (and xr), then y."""
+    M, K = x2.shape
+    N, R = Bc.shape
+    want = (N, K) if layout == "out_in" else (K, N)
+    if tuple(W.shape) != want or tuple(Ac.shape) != (R, K) or (bias is not None and bias.shape[0] < N):
+        raise ValueError(f"lora_train forward: x has {K} features, expected W {want} ({layout}), Ac {(R, K)}, bias of "
+                         f">= {N}; found W {tuple(W.shape)}, Ac {tuple(Ac.shape)}, bias "
+                         f"{None if bias is None else tuple(bias.shape)}: pass the layer's kept casts (train_casts.py)")
+    swk, swn = _strides(W, layout)
+    h, xr = _rows(x2, Ac, K, 1, R, (K, N))
+    y = _gemm(xr, W, swk, swn, h, Bc, 1, R, bias, s, N, W.dtype, (K, N), "fwd")  # Q = Bc^T: Q(r, n) = Bc[n, r]
+    return y, h, xr
+
+
+def lora_dx(dy2: Tensor, W: Tensor, Ac: Tensor, Bc: Tensor, s: float, layout: str, dx_dtype: torch.dtype | None
+            ) -> tuple[Tensor | None, Tensor]:
+    """(dx [M, in] in `dx_dtype`, u [M, R] in W's dtype) for dy2 [M, out] contiguous in W's dtype; dx_dtype None:
+    u alone. Two launches: u, then dx."""
+    M, N = dy2.shape
+    R, K = Ac.shape
+    u, _ = _rows(dy2, Bc, 1, R, R, (K, N))  # Q(r, n) = Bc[n, r]
+    if dx_dtype is None:
+        return None, u
+    swk, swn = _strides(W, layout)  # dx = dy W: W(n, k) read as the GEMM's [N, K] operand, i.e. W(k, n) swapped
+    return _gemm(dy2, W, swn, swk, u, Ac, K, 1, None, s, K, dx_dtype, (K, N), "dx"), u
+
+
+def lora_factor_grads(xr: Tensor, u: Tensor, dy2: Tensor, h: Tensor, s: float) -> tuple[Tensor, Tensor]:
+    """(dA [R, in], dB [out, R]) in fp32: s u^T xr and s dy2^T h, each summed over all rows in a fixed order."""
+    M, K = xr.shape
+    N, R = dy2.shape[1], u.shape[1]
+    dA = torch.empty(R, K, dtype=torch.float32, device=xr.device)
+    dB = torch.empty(N, R, dtype=torch.float32, device=xr.device)
+    kw = _kw(K, N, R, "grads")
+    grid = (triton.cdiv(K, kw["BLOCK_F"]) + triton.cdiv(N, kw["BLOCK_F"]),)
+    _LAUNCH["grads"](grid, (xr, u, dy2, h, dA, dB, float(s), M, N, K, R), kw, (K, N, R))
+    return dA, dB
+
+
+class FusedLoRAFn(torch.autograd.Function):
+    """One adapter at one uniform scale `s` on a frozen 16-bit base (kept cast by train_casts.py, or stored so):
+    the five launches above per layer and step. `ops` = (W, bias, Ac, Bc, layout): the tensors the kernels read,
+    fixed between this forward and its backward (the optimizer steps after the backward; they are held on ctx, not
+    saved, as _KeptLoRAFn's views are)."""
+
+    @staticmethod
+    def forward(ctx, x, A, B, ops, s):
+        W, bias, Ac, Bc, layout = ops
+        x2 = x.reshape(-1, x.shape[-1])
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        y, h, xr = lora_forward(x2, W, bias, Ac, Bc, s, layout)
+        ctx.save_for_backward(xr, h)
+        ctx.ops, ctx.s, ctx.x_shape, ctx.x_dtype = ops, s, x.shape, x.dtype
+        ctx.grad_dtypes = (A.dtype, B.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        xr, h = ctx.saved_tensors
+        W, _, Ac, Bc, layout = ctx.ops
+        s, need = ctx.s, ctx.needs_input_grad
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        if dy2.dtype != W.dtype or not dy2.is_contiguous():
+            dy2 = dy2.to(W.dtype, memory_format=torch.contiguous_format)
+        dx = dA = dB = None
+        dx, u = lora_dx(dy2, W, Ac, Bc, s, layout, ctx.x_dtype if need[0] else None)  # the first layer's input
+        if dx is not None:  # needs no gradient: u alone
+            dx = dx.view(ctx.x_shape)
+        if need[1] or need[2]:
+            dA, dB = lora_factor_grads(xr, u, dy2, h, s)
+            dA = dA.to(ctx.grad_dtypes[0]) if need[1] else None  # fp32 masters: no copy
+            dB = dB.to(ctx.grad_dtypes[1]) if need[2] else None
+        return dx, dA, dB, None, None
+
+
+def fused_lora_linear(x: Tensor, A: Tensor, B: Tensor, ops: tuple, s: float) -> Tensor:
+    """Training forward of one adapter (A, B) at scale `s` through the fused kernels: see FusedLoRAFn."""
+    return FusedLoRAFn.apply(x, A, B, ops, s)
