@@ -2,6 +2,7 @@
 
 One step = forward under bf16 autocast + loss + backward (+ AdamW on the LoRA parameters). The "frozen
 floor" is the same base with every weight frozen and input grads on: the backward a LoRA step cannot avoid.
+"ours_r8" takes the fused Triton kernels where they apply (CUDA); "ours_r8_pytorch" the PyTorch fast path.
 """
 from __future__ import annotations
 
@@ -14,6 +15,14 @@ from .harness import peak_step_bytes, sync, time_interleaved
 from lora_engine import LoRALayer, compiled_op, lora_layers, train_casts
 
 from .models import add_ours, add_peft, build_base, gpt_config, lora_parameters
+
+
+def pytorch_path(model):
+    """Ours without the fused training kernels (kernels/lora_train_triton.py): the PyTorch fast path, for the same
+    process comparison."""
+    for layer in lora_layers(model).values():
+        layer.fused_training = False
+    return model
 
 
 def _step_fn(model, x, optimizer, input_grad: bool):
@@ -49,6 +58,7 @@ def run(res: dict, args) -> None:
     for layer in lora_layers(cast).values():
         layer.keep_cast_base = False
     variants["ours_r8_cast_base"] = _trainer(cast, x)
+    variants["ours_r8_pytorch"] = _trainer(pytorch_path(add_ours(copy.deepcopy(base), ["a0"], 8)), x)
     variants["peft_r8"] = _trainer(add_peft(copy.deepcopy(base), ["a0"], 8), x)
 
     times = time_interleaved({k: v[2] for k, v in variants.items()}, warmup=args.warmup, iters=args.iters)
@@ -64,7 +74,9 @@ def run(res: dict, args) -> None:
         res["ratios"]["train_peak_mem_r8_vs_frozen_floor"] = _ratio(mem["ours_r8"]["peak_bytes"] / 2**30,
                                                                     mem["frozen_floor"]["peak_bytes"] / 2**30, unit="GiB")
     res["ratios"]["train_eager_r8_cast_base_vs_frozen_floor"] = _ratio(t["ours_r8_cast_base"], t["frozen_floor"])
-    del variants["ours_r16"], variants["ours_r8_cast_base"]
+    res["ratios"]["train_eager_r8_pytorch_vs_frozen_floor"] = _ratio(t["ours_r8_pytorch"], t["frozen_floor"])
+    res["ratios"]["train_eager_r8_fused_vs_pytorch"] = _ratio(t["ours_r8"], t["ours_r8_pytorch"])
+    del variants["ours_r16"], variants["ours_r8_cast_base"], variants["ours_r8_pytorch"]
     if args.no_compile:
         return
     # ours in every form compiled_op.py gives dynamo: "ours_r8" in the default (LoRALayer.compiled_form), and the others

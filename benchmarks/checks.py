@@ -54,7 +54,7 @@ def check_training_steps(dev: str, steps: int = 6) -> str:
     ref = copy.deepcopy(fast)
     for layer in lora_layers(ref).values():
         layer.use_reference = lambda *base: True  # plain autograd: nothing kept between steps
-    x = torch.randn(2, 24, fast.config.n_embd, device=dev)
+    x = torch.randn(2, 48, fast.config.n_embd, device=dev)  # 96 rows: the fused training kernels take it on CUDA
 
     def forward(model, grad: bool) -> torch.Tensor:
         with torch.set_grad_enabled(grad), torch.autocast(dev, dtype=torch.bfloat16):

@@ -1,5 +1,6 @@
 """Where a training step's time goes: for the frozen floor, ours (r8) and PEFT (r8), the host time to issue one
-step, the step's device time, the kernel count and kernel time, and the top ops by CPU and by CUDA time.
+step, the step's device time, the kernel count and kernel time, and the top ops by CPU and by CUDA time (ours
+eager both with the fused Triton training kernels and on the PyTorch path).
 Used to decide the next optimisation (see NOTES.md).
     python benchmarks/profile_train.py [--tables]
 """
@@ -17,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_train import _step_fn, _trainer  # noqa: E402
+from benchmarks.bench_train import _step_fn, _trainer, pytorch_path  # noqa: E402
 from benchmarks.harness import time_once  # noqa: E402
 from benchmarks.models import add_ours, add_peft, build_base, gpt_config  # noqa: E402
 from lora_engine import LoRALayer, compiled_op, lora_layers  # noqa: E402
@@ -53,6 +54,7 @@ def main() -> None:
     x = torch.randn(8, 512, cfg.n_embd, device="cuda")
     steps = {"frozen_floor": _step_fn(base, x, None, input_grad=True),
              "ours_r8": _trainer(add_ours(copy.deepcopy(base), ["a0"], 8), x),
+             "ours_r8_pytorch": _trainer(pytorch_path(add_ours(copy.deepcopy(base), ["a0"], 8)), x),
              **{f"ours_r8_{form}": _trainer(with_form(add_ours(copy.deepcopy(base), ["a0"], 8), form), x)
                 for form in compiled_op.FORMS if form != LoRALayer.compiled_form},
              "peft_r8": _trainer(add_peft(copy.deepcopy(base), ["a0"], 8), x)}
@@ -63,8 +65,8 @@ def main() -> None:
         elif args.compiled:
             steps[name] = _step_fn(torch.compile(base), x, None, input_grad=True)
     for name, step in steps.items():
-        if name.startswith("ours_r8_") and not args.compiled:  # the forms only differ under torch.compile
-            continue
+        if name.startswith("ours_r8_") and (name == "ours_r8_pytorch") == args.compiled:  # the forms differ only
+            continue  # under torch.compile, the fused kernels only in eager
         for _ in range(3):
             step()
         torch.cuda.synchronize()

@@ -81,6 +81,8 @@ def main() -> None:
                                                        "per shape (over lora_gemv_triton.TUNED)")
     ap.add_argument("--merge-tiles", default=None, help="a tune_merge.py --out JSON: merge and unmerge with its best "
                                                         "merge tile and unmerge tile (over merge_triton.CONFIG)")
+    ap.add_argument("--train-tiles", default=None, help="a tune_train.py --out JSON: the fused training kernels with "
+                                                        "its best tiles per shape and pass (over lora_train_triton.TUNED)")
     args = ap.parse_args()
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -102,6 +104,15 @@ def main() -> None:
                  if k in merge_triton.CONFIG}
         merge_triton.CONFIG.update(tiles)
         res["merge_tiles"] = tiles
+    if args.train_tiles:
+        from lora_engine.kernels import lora_train_triton
+        tiles = json.loads(Path(args.train_tiles).read_text())["tuned"]
+        for shape, passes in tiles.items():
+            n_in, n_out = map(int, shape.split("x"))
+            for which, cfg in passes.items():
+                if which in lora_train_triton.DEFAULTS:  # (the timings sit beside the tiles)
+                    lora_train_triton.set_config(n_in, n_out, which, cfg)
+        res["train_tiles"] = tiles
     wanted = args.only or (list(SECTIONS) + ["unifiedvoice"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
