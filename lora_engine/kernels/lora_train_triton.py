@@ -235,6 +235,8 @@ def _rows(P: Tensor, Q: Tensor, sqr: int, sqk: int, R: int, which: tuple) -> tup
 
 def _gemm(a: Tensor, W: Tensor, swk: int, swn: int, p: Tensor, Q: Tensor, sqr: int, sqn: int, bias: Tensor | None,
           s: float, N: int, out_dtype: torch.dtype, which: tuple, pass_: str) -> Tensor:
+    """a W + s p Q (+ bias) as [M, N] in `out_dtype` (_gemm_kernel), with the tiles of layer `which` = (in, out) for
+    pass `pass_` ("fwd" or "dx")."""
     M, K = a.shape
     out = torch.empty(M, N, dtype=out_dtype, device=a.device)
     kw = _kw(*which, p.shape[1], pass_)
@@ -313,9 +315,10 @@ class FusedLoRAFn(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])
         if dy2.dtype != W.dtype or not dy2.is_contiguous():
             dy2 = dy2.to(W.dtype, memory_format=torch.contiguous_format)
-        dx = dA = dB = None
-        dx, u = lora_dx(dy2, W, Ac, Bc, s, layout, ctx.x_dtype if need[0] else None)  # the first layer's input
-        if dx is not None:  # needs no gradient: u alone
+        dA = dB = None
+        # the first layer's input (the embeddings' LayerNorm) needs no gradient: u alone there
+        dx, u = lora_dx(dy2, W, Ac, Bc, s, layout, ctx.x_dtype if need[0] else None)
+        if dx is not None:
             dx = dx.view(ctx.x_shape)
         if need[1] or need[2]:
             dA, dB = lora_factor_grads(xr, u, dy2, h, s)

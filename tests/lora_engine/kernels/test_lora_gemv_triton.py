@@ -5,27 +5,14 @@ import), so CI proves the indexing, masks, both weight layouts, the in-kernel ro
 fixed order (whichever program arrives last) and the hook in `layers._adapted`. The compiled kernel is checked on
 the GPU by benchmarks/tune_gemv.py and by kernels/selfcheck.py (`benchmarks/run_all.py --check`).
 """
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from lora_engine.kernels import lora_gemv_triton as lg
 from lora_engine.kernels.launch import DirectLauncher
-
-ROOT = Path(__file__).resolve().parents[3]
+from tests.lora_engine.kernels.interpreter import run_interpreted
 
 needs_triton = pytest.mark.skipif(lg.triton is None, reason="triton is not importable")
-
-
-def _run(script: str, *args: str) -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    p = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stdout[-2000:] + p.stderr[-3000:]
 
 
 KERNEL = r'''
@@ -33,7 +20,6 @@ import itertools, random, sys
 import torch
 from triton.runtime import interpreter
 from lora_engine.kernels import lora_gemv_triton as lg
-from lora_engine.kernels.launch import DirectLauncher
 assert lg._INTERPRET, "the kernel is not running in triton's interpreter"
 layout = sys.argv[1]
 DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -161,7 +147,7 @@ print("ok")
 @needs_triton
 @pytest.mark.parametrize("layout", ["in_out", "out_in"])
 def test_fused_gemv_matches_float64_reference_in_triton_interpreter(layout):
-    _run(KERNEL, layout)
+    run_interpreted(KERNEL, layout)
 
 
 LAYERS = r'''
@@ -171,7 +157,6 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 from lora_engine import LoRASpec, inject_lora, lora_layers, set_blend
 from lora_engine.kernels import lora_gemv_triton as lg
-from lora_engine.kernels.launch import DirectLauncher
 from tests.lora_engine.helpers import TOL, randomize_lora, reference_layer, tiny_gpt2
 assert lg._INTERPRET
 
@@ -255,7 +240,7 @@ print("ok")
 def test_layers_use_fused_kernel_for_few_rows_and_match_cached_path_in_interpreter():
     """GPT2 (Conv1D layers) in bf16 and fp16: the no-grad forward through the fused kernel equals the cached PyTorch
     path, more than MAX_ROWS rows keep the PyTorch path; bf16 nn.Linear and Conv1D under autocast take fp32 x."""
-    _run(LAYERS)
+    run_interpreted(LAYERS)
 
 
 @needs_triton

@@ -6,27 +6,13 @@ import), so CI proves the indexing, masks and tails, both weight layouts, the in
 rank up to MAX_RANK, the autograd Function and the hook in `layers._adapted`, each against float64. The compiled
 kernels are checked on the GPU by kernels/selfcheck.py (`benchmarks/run_all.py --check`) and benchmarks/tune_train.py.
 """
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from lora_engine.kernels import lora_train_triton as lt
-
-ROOT = Path(__file__).resolve().parents[3]
+from tests.lora_engine.kernels.interpreter import run_interpreted
 
 needs_triton = pytest.mark.skipif(lt.triton is None, reason="triton is not importable")
-
-
-def _run(script: str, *args: str) -> str:
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    p = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stdout[-2000:] + p.stderr[-3000:]
-    return p.stdout
 
 
 SMALL = r'''
@@ -103,7 +89,7 @@ print("ok")
 @needs_triton
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])
 def test_fused_training_kernels_match_float64_in_triton_interpreter(layout):
-    _run(KERNELS, layout)
+    run_interpreted(KERNELS, layout)
 
 
 LAYERS = SMALL + r'''
@@ -164,7 +150,7 @@ print("ok")
 
 @needs_triton
 def test_fused_training_function_and_layer_hook_match_pytorch_path_and_float64_in_interpreter():
-    _run(LAYERS)
+    run_interpreted(LAYERS)
 
 
 @needs_triton
