@@ -32,6 +32,7 @@ Target presets for --lora-target-modules: gpt-attn-mlp (default), gpt-attn, and 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -218,5 +219,22 @@ def _yaml_keys(path: str | None) -> list[str]:
     return list((yaml.safe_load(Path(path).read_text()) or {}).keys())
 
 
+def _exit_now(rc: int) -> None:
+    """End a torchrun worker without interpreter teardown. Trap (torch 2.x gloo): the gloo backend's C++ worker
+    threads can outlive destroy_process_group() and be torn down during interpreter finalization, where one of
+    them aborts the process ("terminate called without an active exception", SIGABRT) after a run that finished
+    and wrote all its files; torchrun then reports the whole job failed. Every file is closed and written
+    atomically by now, so flush the streams and leave at once."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _exit_now(code)
+    sys.exit(code)
