@@ -35,18 +35,30 @@ def direct_supported() -> bool:
     return triton is not None and tuple(map(int, re.findall(r"\d+", triton.__version__)[:2])) >= (3, 6)
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for grid sizes. Trap: triton.cdiv is a ConstexprFunction in triton 3.9 (it unwraps constexprs on
+    every call, ~5 us of host time each: three per training layer and step)."""
+    return -(-a // b)
+
+
 def specialization(args: tuple) -> tuple:
     """What Triton specializes a launch on beyond the launch key: each pointer's dtype and 16-byte alignment; each
     int's == 1 (then a constexpr), % 16 == 0 and 32-bit range (triton 3.6 `native_specialize_impl`); floats
-    nothing (always fp32); a bool its value (a constexpr passed by position)."""
+    nothing (always fp32); a bool its value (a constexpr passed by position). Runs on every launch: types are
+    told apart by `type(a) is` first (a Parameter or other subclass falls through to isinstance)."""
     out = []
     for a in args:
-        if isinstance(a, Tensor):
-            out.append((a.dtype, a.data_ptr() % 16 == 0))
-        elif isinstance(a, bool) or not isinstance(a, int):
-            out.append(a if isinstance(a, bool) else None)
+        t = type(a)
+        if t is int:
+            out.append((a == 1, not a % 16, -2**31 <= a < 2**31))
+        elif t is Tensor or (t is not bool and t is not float and isinstance(a, Tensor)):
+            out.append((a.dtype, not a.data_ptr() % 16))
+        elif t is bool:
+            out.append(a)
+        elif isinstance(a, int):  # an int subclass (numpy ints are not ints)
+            out.append((a == 1, not a % 16, -2**31 <= a < 2**31))
         else:
-            out.append((a == 1, a % 16 == 0, -2**31 <= a < 2**31))
+            out.append(None)
     return tuple(out)
 
 

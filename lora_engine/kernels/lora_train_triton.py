@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .launch import DirectLauncher, interpreting
+from .launch import DirectLauncher, cdiv, interpreting
 
 try:
     import triton
@@ -128,7 +128,9 @@ if triton is not None:
         p = tl.load(p_ptr + offs_m[:, None] * R + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
         q = tl.load(q_ptr + offs_r[:, None] * sqr + offs_n[None, :] * sqn, mask=r_ok[:, None] & n_ok[None, :],
                     other=0.0)  # [R_PAD, BLOCK_N]
-        acc += s * _dot(p, q, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INTERPRETER)
+        # into the base accumulator itself, (acc / s + p Q) s: s p Q in a [BLOCK_M, BLOCK_N] fp32 tile of its own
+        # doubled the registers the epilogue holds and spilled every large tile (NOTES.md (27)); s != 0 (_gemm)
+        acc = _dot(p, q, acc * (1.0 / s), INTERPRETER) * s
         if HAS_BIAS:
             b = _round(tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0), cdt, INTERPRETER)  # as autocast casts it
             acc += b.to(tl.float32)[None, :]
@@ -229,7 +231,7 @@ def _rows(P: Tensor, Q: Tensor, sqr: int, sqk: int, R: int, which: tuple) -> tup
     store = P.dtype != cdt
     pr = torch.empty(M, K, dtype=cdt, device=P.device) if store else P
     kw = _kw(*which, R, "rows")
-    _LAUNCH["rows"]((triton.cdiv(M, kw["BLOCK_M"]),), (P, Q, out, pr, M, K, R, sqr, sqk, store), kw, (K, R, store))
+    _LAUNCH["rows"]((cdiv(M, kw["BLOCK_M"]),), (P, Q, out, pr, M, K, R, sqr, sqk, store), kw, (K, R, store))
     return out, pr
 
 
@@ -240,8 +242,11 @@ def _gemm(a: Tensor, W: Tensor, swk: int, swn: int, p: Tensor, Q: Tensor, sqr: i
     M, K = a.shape
     out = torch.empty(M, N, dtype=out_dtype, device=a.device)
     kw = _kw(*which, p.shape[1], pass_)
-    grid = (triton.cdiv(M, kw["BLOCK_M"]) * triton.cdiv(N, kw["BLOCK_N"]),)
-    args = (a, W, p, Q, W if bias is None else bias, out, float(s), M, N, K, p.shape[1], swk, swn, sqr, sqn,
+    grid = (cdiv(M, kw["BLOCK_M"]) * cdiv(N, kw["BLOCK_N"]),)
+    R = p.shape[1]
+    if s == 0.0:  # no rank-R term; the kernel divides by s: unit scale and every p, Q element masked off instead
+        s, R = 1.0, 0
+    args = (a, W, p, Q, W if bias is None else bias, out, float(s), M, N, K, R, swk, swn, sqr, sqn,
             bias is not None)  # HAS_BIAS by position: part of the launch key
     _LAUNCH["gemm"](grid, args, kw, (pass_, K, N, bias is not None))
     return out
@@ -284,7 +289,7 @@ def lora_factor_grads(xr: Tensor, u: Tensor, dy2: Tensor, h: Tensor, s: float) -
     dA = torch.empty(R, K, dtype=torch.float32, device=xr.device)
     dB = torch.empty(N, R, dtype=torch.float32, device=xr.device)
     kw = _kw(K, N, R, "grads")
-    grid = (triton.cdiv(K, kw["BLOCK_F"]) + triton.cdiv(N, kw["BLOCK_F"]),)
+    grid = (cdiv(K, kw["BLOCK_F"]) + cdiv(N, kw["BLOCK_F"]),)
     _LAUNCH["grads"](grid, (xr, u, dy2, h, dA, dB, float(s), M, N, K, R), kw, (K, N, R))
     return dA, dB
 

@@ -81,6 +81,11 @@ for (M, K, N), R, wd, xd, bias in itertools.product(shapes, [1, 8, 12, 64], ["bf
     assert dA.dtype == dB.dtype == torch.float32 and dA.shape == (R, K) and dB.shape == (N, R)
     check("dA", dA, s * u.double().t() @ x64, torch.bfloat16)  # fp32 sums of M products: well inside bf16's eps
     check("dB", dB, s * dy.double().t() @ h.double(), torch.bfloat16)
+    if R == 8:  # s = 0: the GEMM kernel folds its term in as (acc / s + p Q) s, so _gemm passes none instead
+        y0, _, _ = lt.lora_forward(x, Wl, b, Ac, Bc, 0.0, layout)
+        check("y at s = 0", y0, x64 @ W.double().t() + (b.to(wd).double() if bias else 0.0), wd)
+        dx0, _ = lt.lora_dx(dy, Wl, Ac, Bc, 0.0, layout, torch.float32)
+        check("dx at s = 0", dx0, dy.double() @ W.double(), wd)
 print(f"worst {max(errs):.2f} eps over {len(errs)} outputs")
 print("ok")
 '''
