@@ -44,19 +44,17 @@ def cdiv(a: int, b: int) -> int:
 def specialization(args: tuple) -> tuple:
     """What Triton specializes a launch on beyond the launch key: each pointer's dtype and 16-byte alignment; each
     int's == 1 (then a constexpr), % 16 == 0 and 32-bit range (triton 3.6 `native_specialize_impl`); floats
-    nothing (always fp32); a bool its value (a constexpr passed by position). Runs on every launch: types are
-    told apart by `type(a) is` first (a Parameter or other subclass falls through to isinstance)."""
+    nothing (always fp32); a bool its value (a constexpr passed by position). Runs on every launch, so the common
+    types are told apart by `type(a) is` before any isinstance."""
     out = []
     for a in args:
         t = type(a)
-        if t is int:
-            out.append((a == 1, not a % 16, -2**31 <= a < 2**31))
-        elif t is Tensor or (t is not bool and t is not float and isinstance(a, Tensor)):
-            out.append((a.dtype, not a.data_ptr() % 16))
-        elif t is bool:
+        if t is bool:
             out.append(a)
-        elif isinstance(a, int):  # an int subclass (numpy ints are not ints)
+        elif t is int or isinstance(a, int):  # an int subclass too (numpy ints are not ints)
             out.append((a == 1, not a % 16, -2**31 <= a < 2**31))
+        elif isinstance(a, Tensor):
+            out.append((a.dtype, not a.data_ptr() % 16))
         else:
             out.append(None)
     return tuple(out)
