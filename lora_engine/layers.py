@@ -81,7 +81,8 @@ class LoRALayer(nn.Module):
 
     def factor_pair(self, name: str) -> tuple[Tensor, Tensor]:
         """(A, B) of one adapter: the ParameterDicts' own entries, read without nn.Module's attribute lookup."""
-        A, B = self.lora_A._parameters.get(name), self.lora_B._parameters.get(name)
+        modules = self._modules  # not nn.Module.__getattr__: this runs in every training forward
+        A, B = modules["lora_A"]._parameters.get(name), modules["lora_B"]._parameters.get(name)
         return (A, B) if A is not None and B is not None else (self.lora_A[name], self.lora_B[name])
 
     @property
