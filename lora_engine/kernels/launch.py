@@ -44,20 +44,33 @@ def cdiv(a: int, b: int) -> int:
 def specialization(args: tuple) -> tuple:
     """What Triton specializes a launch on beyond the launch key: each pointer's dtype and 16-byte alignment; each
     int's == 1 (then a constexpr), % 16 == 0 and 32-bit range (triton 3.6 `native_specialize_impl`); floats
-    nothing (always fp32); a bool its value (a constexpr passed by position). Runs on every launch, so the common
-    types are told apart by `type(a) is` before any isinstance."""
-    out = []
+    nothing (always fp32); a bool its value (a constexpr passed by position)."""
+    return specialized(args)[0]
+
+
+def specialized(args: tuple, device: int | None = None) -> tuple[tuple, tuple]:
+    """(specialization(args), the arguments to launch with): every tensor on CUDA device `device` replaced by its
+    data_ptr(). Trap: given a tensor, Triton's C launcher calls its data_ptr() and then cuPointerGetAttribute, a
+    driver call per pointer argument and launch (six in a fused training GEMM); given an int it takes the address
+    as it is. The check that cuPointerGetAttribute made (a device pointer) is made here: a tensor elsewhere stays a
+    tensor, and Triton raises as it would. Runs on every launch, so the common types are told apart by `type(a) is`
+    before any isinstance."""
+    spec, raw = [], []
     for a in args:
         t = type(a)
         if t is bool:
-            out.append(a)
+            spec.append(a)
         elif t is int or isinstance(a, int):  # an int subclass too (numpy ints are not ints)
-            out.append((a == 1, not a % 16, -2**31 <= a < 2**31))
+            spec.append((a == 1, not a % 16, -2**31 <= a < 2**31))
         elif isinstance(a, Tensor):
-            out.append((a.dtype, not a.data_ptr() % 16))
+            ptr = a.data_ptr()
+            spec.append((a.dtype, not ptr % 16))
+            if device is not None and a.is_cuda and a.get_device() == device:
+                a = ptr
         else:
-            out.append(None)
-    return tuple(out)
+            spec.append(None)
+        raw.append(a)
+    return tuple(spec), tuple(raw)
 
 
 def _jit_only(jit_fn) -> bool:
@@ -71,32 +84,40 @@ class DirectLauncher:
     """`jit_fn[grid](*args, **kw)`, launched straight through its CompiledKernel after the first JIT launch of each
     launch key, `kw` object, device and specialization. `kw` (the constexprs and launch options) is told apart by
     identity, not compared: callers keep one object per configuration (a new object, e.g. other tiles, compiles
-    again; two live ones under one key never take turns evicting each other). `enabled = False`: always JIT."""
+    again; two live ones under one key never take turns evicting each other). `enabled = False`: always JIT.
+    `raw_pointers = False`: direct launches take the tensors themselves (`specialized`)."""
+
+    raw_pointers = True
 
     def __init__(self, jit_fn, name: str):
         self.jit_fn, self.name, self.enabled = jit_fn, name, True
         self.direct = direct_supported() and not interpreting(jit_fn)
         self.compiled: dict[tuple, tuple | None] = {}  # key, device, specialization -> (kw, kernel, constexprs)
+        self.launches = {"direct": 0, "jit": 0}  # how each call went (benchmarks/host_train.py reports them)
 
     def __call__(self, grid: tuple, args: tuple, kw: dict, key) -> None:
         if not (self.direct and self.enabled) or _jit_only(self.jit_fn):
             self.jit_fn[grid](*args, **kw)
+            self.launches["jit"] += 1
             return
         device = torch.cuda.current_device()
-        dkey = (key, id(kw), device, specialization(args))
+        spec, raw = specialized(args, device if self.raw_pointers else None)
+        dkey = (key, id(kw), device, spec)
         hit = self.compiled.get(dkey, False)
         g = tuple(grid) + (1,) * (3 - len(grid))
         if hit and hit[0] is kw:  # compiled for these launch parameters (the id of a freed kw may come back)
             _, kernel, constexprs = hit
             try:
                 kernel.run(g[0], g[1], g[2], torch._C._cuda_getCurrentRawStream(device), kernel.function,
-                           kernel.packed_metadata, None, None, None, *args, *constexprs)
+                           kernel.packed_metadata, None, None, None, *raw, *constexprs)
+                self.launches["direct"] += 1
                 return
             except Exception as err:  # another triton's launcher? JIT from now on (a relaunch rewrites the outputs)
                 warnings.warn(f"{self.name}: direct launch failed ({err!r}); this launch key takes Triton's JIT "
                               f"launch from now on")
                 self.compiled[dkey] = hit = None
         kernel = self.jit_fn[grid](*args, **kw)  # triton 3.x returns the CompiledKernel it launched
+        self.launches["jit"] += 1
         if hit is not None:  # the first launch of this key and specialization, or the tiles changed
             ok = getattr(kernel, "function", None) is not None and hasattr(kernel, "packed_metadata")
             constexprs = tuple(kw[name] for name in self.jit_fn.arg_names[len(args):])  # in signature order
