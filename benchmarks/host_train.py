@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import cProfile
+import inspect
 import io
 import pstats
 import statistics
@@ -93,7 +94,6 @@ def launch_costs(calls: int = 2000) -> None:
     through DirectLauncher, the same CompiledKernel's run() called with its arguments ready, a torch.mm and a
     torch.empty of similar sizes; and the source of the installed triton's launcher __call__, to see what run()
     does on top of the C launch."""
-    import inspect
     x = torch.randn(256, 1280, device="cuda", dtype=torch.bfloat16)
     Ac = torch.randn(8, 1280, device="cuda", dtype=torch.bfloat16)
     W = torch.randn(1280, 64, device="cuda", dtype=torch.bfloat16)
@@ -103,7 +103,7 @@ def launch_costs(calls: int = 2000) -> None:
     args = (x, Ac, out, x, 256, 1280, 8, 1280, 1, False)
     launcher = lt._LAUNCH["rows"]
     grid = (lt.cdiv(256, kw["BLOCK_M"]),)
-    entry = next((v for k, v in launcher.compiled.items() if v is not None and v[0] is kw), None)
+    entry = next((v for v in launcher.compiled.values() if v is not None and v[0] is kw), None)
 
     def per_call(fn) -> float:
         fn()
@@ -114,7 +114,7 @@ def launch_costs(calls: int = 2000) -> None:
         torch.cuda.synchronize()
         return (time.perf_counter() - t0) / calls * 1e6
 
-    rows = {"lt._rows (2 torch.empty + DirectLauncher)": lambda: lt._rows(x, Ac, 1280, 1, 8, (1280, 64)),
+    rows = {"lt._rows (torch.empty + DirectLauncher)": lambda: lt._rows(x, Ac, 1280, 1, 8, (1280, 64)),
             "DirectLauncher call": lambda: launcher(grid, args, kw, (1280, 8, False)),
             "torch.mm [256,1280]x[1280,64]": lambda: torch.mm(x, W),
             "torch.empty [256, 8]": lambda: torch.empty(256, 8, dtype=torch.bfloat16, device="cuda")}
