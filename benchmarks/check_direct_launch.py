@@ -93,7 +93,8 @@ def main() -> int:
     for w in caught:
         failures.append(f"warning: {w.message}")
     entries = list(lg.LAUNCHER.compiled.values())
-    print(f"direct-launch entries: {len(entries)}, fallen back to JIT: {sum(e is None for e in entries)}")
+    print(f"direct-launch entries: {len(entries)}, fallen back to JIT: {sum(e is None for e in entries)}; launched "
+          f"through: {sorted({getattr(e[1], '__name__', type(e[1]).__name__) for e in entries if e is not None})}")
     if len(entries) < 3 or None in entries:
         failures.append("the direct path was not taken for every specialization")
 

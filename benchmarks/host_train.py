@@ -91,7 +91,8 @@ def per_layer(dev: str = "cuda", rows: int = 4096) -> None:
 
 def launch_costs(calls: int = 2000) -> None:
     """Host us per call, `calls` back to back (small shapes: the GPU keeps up), then one sync: one fused rows launch
-    through DirectLauncher, the same CompiledKernel's run() called with its arguments ready, a torch.mm and a
+    through DirectLauncher, the same CompiledKernel's run() called with its arguments ready, the launch that
+    DirectLauncher keeps (launch._entry) called so, a torch.mm and a
     torch.empty of similar sizes; and the source of the installed triton's launcher __call__, to see what run()
     does on top of the C launch."""
     x = torch.randn(256, 1280, device="cuda", dtype=torch.bfloat16)
@@ -104,6 +105,7 @@ def launch_costs(calls: int = 2000) -> None:
     launcher = lt._LAUNCH["rows"]
     grid = (lt.cdiv(256, kw["BLOCK_M"]),)
     entry = next((v for v in launcher.compiled.values() if v is not None and v[0] is kw), None)
+    kernel = launcher.jit_fn[grid](*args, **kw)  # the CompiledKernel the direct launches use
 
     def per_call(fn) -> float:
         fn()
@@ -119,19 +121,21 @@ def launch_costs(calls: int = 2000) -> None:
             "torch.mm [256,1280]x[1280,64]": lambda: torch.mm(x, W),
             "torch.empty [256, 8]": lambda: torch.empty(256, 8, dtype=torch.bfloat16, device="cuda")}
     if entry is not None:
-        _, kernel, constexprs = entry
+        _, launch, head, constexprs = entry
         stream = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
         rows["CompiledKernel.run, tensors ready"] = lambda: kernel.run(
             grid[0], 1, 1, stream, kernel.function, kernel.packed_metadata, None, None, None, *args, *constexprs)
         raw = specialized(args, torch.cuda.current_device())[1]
         rows["CompiledKernel.run, addresses ready"] = lambda: kernel.run(
             grid[0], 1, 1, stream, kernel.function, kernel.packed_metadata, None, None, None, *raw, *constexprs)
+        rows[f"the entry's launch ({getattr(launch, '__name__', type(launch).__name__)}), addresses ready"] = \
+            lambda: launch(grid[0], 1, 1, stream, *head, *raw, *constexprs)
     rows["DirectLauncher call, tensors (raw_pointers off)"] = tensor_pointers(rows["DirectLauncher call"])
     print(f"== launch costs: host us per call, {calls} calls back to back ==")
     for name, fn in rows.items():
         print(f"{name:45s} {per_call(fn):7.2f}", flush=True)
     if entry is not None:
-        run = entry[1].run
+        run = kernel.run
         print(f"CompiledKernel.run is {type(run).__module__}.{type(run).__qualname__}; its __call__:")
         try:
             print(inspect.getsource(type(run).__call__))

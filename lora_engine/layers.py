@@ -267,7 +267,7 @@ def _adapted(layer: LoRALayer, x: Tensor) -> Tensor:
         if copies is not None and layer.uniform_scale is not None:  # the usual case: one adapter, one scale
             ops = _fused_ops(layer, copies, weight, bias)
             if ops is not None and lora_train_triton.applies(x, ops[0], ops[2]):
-                return lora_train_triton.fused_lora_linear(x, A, B, ops, layer.uniform_scale)  # five launches
+                return lora_train_triton.fused_lora_linear(x, A, B, ops, layer.uniform_scale)  # four launches
             if copies.kept is not None:
                 return kept_lora_linear(x, A, B, copies.kept, layer.uniform_scale)  # fewest torch calls
         return lora_linear(x, weight, bias, A, B, d, layer.layout, layer.uniform_scale,

@@ -13,6 +13,7 @@ must reach JIT and its own kernel, so `specialization` is part of the key. Launc
 """
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 
@@ -53,31 +54,55 @@ def specialized(args: tuple, device: int | None = None) -> tuple[tuple, tuple]:
     data_ptr(). Trap: given a tensor, Triton's C launcher calls its data_ptr() and then cuPointerGetAttribute, a
     driver call per pointer argument and launch (six in a fused training GEMM); given an int it takes the address
     as it is. The check that cuPointerGetAttribute made (a device pointer) is made here: a tensor elsewhere stays a
-    tensor, and Triton raises as it would. Runs on every launch, so the common types are told apart by `type(a) is`
-    before any isinstance."""
+    tensor, and Triton raises as it would. Runs on every launch: a scalar's part comes from a cache."""
     spec, raw = [], []
     for a in args:
-        t = type(a)
-        if t is bool:
-            spec.append(a)
-        elif t is int or isinstance(a, int):  # an int subclass too (numpy ints are not ints)
-            spec.append((a == 1, not a % 16, -2**31 <= a < 2**31))
-        elif isinstance(a, Tensor):
+        if isinstance(a, Tensor):
             ptr = a.data_ptr()
-            spec.append((a.dtype, not ptr % 16))
-            if device is not None and a.is_cuda and a.get_device() == device:
-                a = ptr
+            spec.append((a.dtype, not ptr & 15))
+            raw.append(ptr if device is not None and a.is_cuda and a.get_device() == device else a)
         else:
-            spec.append(None)
-        raw.append(a)
+            spec.append(_scalar_spec(a))
+            raw.append(a)
     return tuple(spec), tuple(raw)
+
+
+@functools.lru_cache(maxsize=4096, typed=True)  # typed: True and 1 are told apart
+def _scalar_spec(a) -> object:
+    """A bool: its value; an int (an int subclass too; numpy ints are not ints): == 1, % 16 == 0, 32-bit range;
+    anything else (floats): nothing."""
+    if type(a) is bool:
+        return a
+    if isinstance(a, int):
+        return (a == 1, not a % 16, -2**31 <= a < 2**31)
+    return None
 
 
 def _jit_only(jit_fn) -> bool:
     """Whether a launch needs what only JITFunction.run does: launch hooks (profilers), pre-run hooks, TRITON_DEBUG."""
     rt = triton.knobs.runtime
-    hooks = (getattr(h, "calls", h) for h in (rt.launch_enter_hook, rt.launch_exit_hook))  # HookChain in 3.6
-    return any(hooks) or bool(jit_fn.pre_run_hooks) or rt.debug
+    enter, leave = rt.launch_enter_hook, rt.launch_exit_hook
+    return bool(getattr(enter, "calls", enter) or getattr(leave, "calls", leave) or jit_fn.pre_run_hooks
+                or rt.debug)  # HookChain (.calls) in 3.6, a plain callable or None before
+
+
+def _current_device() -> int:
+    return torch._C._cuda_getDevice()  # torch.cuda.current_device() less its Python (CUDA is up: JIT ran first)
+
+
+def _entry(kernel, kw: dict, constexprs: tuple) -> tuple:
+    """(kw, launch, head, constexprs): a direct launch is launch(grid0, grid1, grid2, stream, *head, *arguments,
+    *constexprs). Trap: CompiledKernel.run (CudaLauncher.__call__) is Python too, two scratch allocations that
+    are None for kernels that need no scratch, then its C launch; triton 3.6's C launch is called straight:
+    launch(grid, stream, function, cooperative, pdl, global scratch, profile scratch, packed metadata, launch
+    metadata, enter hook, exit hook, *arguments). Any other triton or a kernel with scratch: run itself."""
+    run = kernel.run
+    if (triton is not None and triton.__version__.startswith("3.6.") and callable(getattr(run, "launch", None))
+            and getattr(run, "global_scratch_size", 1) == 0 and getattr(run, "profile_scratch_size", 1) == 0):
+        head = (kernel.function, run.launch_cooperative_grid, run.launch_pdl, None, None, kernel.packed_metadata,
+                None, None, None)
+        return kw, run.launch, head, constexprs
+    return kw, run, (kernel.function, kernel.packed_metadata, None, None, None), constexprs
 
 
 class DirectLauncher:
@@ -92,7 +117,7 @@ class DirectLauncher:
     def __init__(self, jit_fn, name: str):
         self.jit_fn, self.name, self.enabled = jit_fn, name, True
         self.direct = direct_supported() and not interpreting(jit_fn)
-        self.compiled: dict[tuple, tuple | None] = {}  # key, device, specialization -> (kw, kernel, constexprs)
+        self.compiled: dict[tuple, tuple | None] = {}  # key, kw id, device, specialization -> _entry or None
         self.launches = {"direct": 0, "jit": 0}  # how each call went (benchmarks/host_train.py reports them)
 
     def __call__(self, grid: tuple, args: tuple, kw: dict, key) -> None:
@@ -100,16 +125,16 @@ class DirectLauncher:
             self.jit_fn[grid](*args, **kw)
             self.launches["jit"] += 1
             return
-        device = torch.cuda.current_device()
+        device = _current_device()
         spec, raw = specialized(args, device if self.raw_pointers else None)
         dkey = (key, id(kw), device, spec)
         hit = self.compiled.get(dkey, False)
-        g = tuple(grid) + (1,) * (3 - len(grid))
         if hit and hit[0] is kw:  # compiled for these launch parameters (the id of a freed kw may come back)
-            _, kernel, constexprs = hit
+            _, launch, head, constexprs = hit
+            n = len(grid)
             try:
-                kernel.run(g[0], g[1], g[2], torch._C._cuda_getCurrentRawStream(device), kernel.function,
-                           kernel.packed_metadata, None, None, None, *raw, *constexprs)
+                launch(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1,
+                       torch._C._cuda_getCurrentRawStream(device), *head, *raw, *constexprs)
                 self.launches["direct"] += 1
                 return
             except Exception as err:  # another triton's launcher? JIT from now on (a relaunch rewrites the outputs)
@@ -121,4 +146,4 @@ class DirectLauncher:
         if hit is not None:  # the first launch of this key and specialization, or the tiles changed
             ok = getattr(kernel, "function", None) is not None and hasattr(kernel, "packed_metadata")
             constexprs = tuple(kw[name] for name in self.jit_fn.arg_names[len(args):])  # in signature order
-            self.compiled[dkey] = (kw, kernel, constexprs) if ok else None
+            self.compiled[dkey] = _entry(kernel, kw, constexprs) if ok else None

@@ -3,20 +3,22 @@
 An eager training step at IndexTTS2's GPT shape is bound by the host: every cuBLAS call costs tens of microseconds
 of CPU, and the PyTorch path (functional._KeptLoRAFn) makes seven per layer where the frozen base makes two
 (benchmarks/NOTES.md (13), (23)); its skinny LoRA GEMMs also pass over every output and input gradient once more.
-Here a layer takes five launches, and the rank-R products add no pass over an output or an input gradient:
+Here a layer takes four launches, and the rank-R products add no pass over an output or an input gradient:
 
     forward    h  = xr Ac^T                                      rows pass over x (xr stored when x is fp32:
                                                                  the cast autocast would make anyway)
                y  = xr W^T + b + s h Bc^T                        the base GEMM, the LoRA term in its epilogue
-    backward   u  = dy Bc                                        rows pass over dy
-               dx = dy W + s u Ac                                the base GEMM, written in x's own dtype
-               dA = s u^T xr,  dB = s dy^T h                     one launch (fp32, both factors' programs)
+    backward   u  = dy Bc,  dB = s dy^T h                        rows pass over dy, beside dB's programs
+               dx = dy W + s u Ac,  dA = s u^T xr                the base GEMM, written in x's own dtype, beside
+                                                                 dA's programs (fp32, as dB)
 
+Two passes share a launch when neither needs the other's result (the programs of a grid run in no set order): the
+launch, not the GPU work, is what the host pays for (~20 us each on the H100's host, NOTES.md (29)).
 xr is x rounded to the compute dtype as autocast rounds it; h, u are rounded to it (as the cuBLAS path stores
 them). Products accumulate in fp32; y and dx are rounded once. W(k, n) is read through strides, so the kept cast
 base ([out, in]) and a 16-bit base stored as nn.Linear ([out, in]) or transformers Conv1D ([in, out]) all work.
 The GEMMs' main loops hold the base product alone: with h accumulated beside it (a second tl.dot per step) they
-ran 2-5x slower than cuBLAS (NOTES.md (26)). dA and dB come from one launch: each program owns a block of dA's
+ran 2-5x slower than cuBLAS (NOTES.md (26)). dA and dB: each program owns a block of dA's
 columns or dB's rows and sums all M rows in a fixed order (the same bits on every run, which exact resume needs).
 
 Used by `layers._adapted` for the usual training case when `applies` says so (`LoRALayer.fused_training`);
@@ -80,13 +82,13 @@ if triton is not None:
         return first + (pid % group) % size, (pid % group) // size
 
     @triton.jit
-    def _rows_kernel(p_ptr, q_ptr, out_ptr, pr_ptr, M, K, R, sqr, sqk, STORE_PR: tl.constexpr, R_PAD: tl.constexpr,
-                     INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-        """out [M, R] = round(pr Q^T) for BLOCK_M rows, pr = P [M, K] rounded to the compute dtype (Q's), Q(r, k) at
-        q_ptr + r sqr + k sqk: h = xr Ac^T (Q = Ac) and u = dy Bc (Q(r, n) = Bc[n, r]). STORE_PR: pr stored too
-        (P arrives in fp32: the cast autocast would make, in the same pass)."""
+    def _rows_block(p_ptr, q_ptr, out_ptr, pr_ptr, pid, M, K, R, sqr, sqk, STORE_PR: tl.constexpr,
+                    R_PAD: tl.constexpr, INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out [M, R] = round(pr Q^T) for row block `pid` (BLOCK_M rows), pr = P [M, K] rounded to the compute dtype
+        (Q's), Q(r, k) at q_ptr + r sqr + k sqk: h = xr Ac^T (Q = Ac) and u = dy Bc (Q(r, n) = Bc[n, r]). STORE_PR:
+        pr stored too (P arrives in fp32: the cast autocast would make, in the same pass)."""
         cdt = q_ptr.dtype.element_ty
-        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_r = tl.arange(0, R_PAD)
         m_ok, r_ok = offs_m < M, offs_r < R
         acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
@@ -103,16 +105,23 @@ if triton is not None:
                  mask=m_ok[:, None] & r_ok[None, :])
 
     @triton.jit
-    def _gemm_kernel(a_ptr, w_ptr, p_ptr, q_ptr, bias_ptr, out_ptr, s, M, N, K, R, swk, swn, sqr, sqn,
-                     HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr, INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-        """out [M, N] = a W + s p Q (+ bias) for one [BLOCK_M, BLOCK_N] tile, rounded once to out's dtype: a [M, K]
+    def _rows_kernel(p_ptr, q_ptr, out_ptr, pr_ptr, M, K, R, sqr, sqk, STORE_PR: tl.constexpr, R_PAD: tl.constexpr,
+                     INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        """_rows_block, one program per BLOCK_M rows."""
+        _rows_block(p_ptr, q_ptr, out_ptr, pr_ptr, tl.program_id(0), M, K, R, sqr, sqk, STORE_PR, R_PAD, INTERPRETER,
+                    BLOCK_M, BLOCK_K)
+
+    @triton.jit
+    def _gemm_tile(a_ptr, w_ptr, p_ptr, q_ptr, bias_ptr, out_ptr, pid, s, M, N, K, R, swk, swn, sqr, sqn,
+                   HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr, INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        """out [M, N] = a W + s p Q (+ bias) for tile `pid` ([BLOCK_M, BLOCK_N]), rounded once to out's dtype: a [M, K]
         row-major in the compute dtype, W(k, n) at w_ptr + k swk + n swn, p [M, R] row-major, Q(r, n) at
         q_ptr + r sqr + n sqn. The main loop is the base GEMM alone (one tl.dot: a second one in the loop stalls the
         MMA pipeline, NOTES.md (26)); the rank-R term and the bias are added in the epilogue.
         Forward: a = xr, W = the base's W^T, p = h, Q = Bc^T. Backward: a = dy, W = the base's W, p = u, Q = Ac."""
         cdt = w_ptr.dtype.element_ty
-        pid_m, pid_n = _grouped(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        pid_m, pid_n = _grouped(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_r = tl.arange(0, R_PAD)
@@ -136,6 +145,14 @@ if triton is not None:
             acc += b.to(tl.float32)[None, :]
         tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], _round(acc, out_ptr.dtype.element_ty, INTERPRETER),
                  mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _gemm_kernel(a_ptr, w_ptr, p_ptr, q_ptr, bias_ptr, out_ptr, s, M, N, K, R, swk, swn, sqr, sqn,
+                     HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr, INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        """_gemm_tile, one program per tile."""
+        _gemm_tile(a_ptr, w_ptr, p_ptr, q_ptr, bias_ptr, out_ptr, tl.program_id(0), s, M, N, K, R, swk, swn, sqr, sqn,
+                   HAS_BIAS, R_PAD, INTERPRETER, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
     @triton.jit
     def _sum_rows(p_ptr, q_ptr, out_ptr, s, M, F, R, f0, sf, sr, R_PAD: tl.constexpr, INTERPRETER: tl.constexpr,
@@ -169,10 +186,41 @@ if triton is not None:
             _sum_rows(dy_ptr, h_ptr, db_ptr, s, M, N, R, (pid - n_a) * BLOCK_F, R, 1, R_PAD, INTERPRETER, BLOCK_F,
                       BLOCK_M)
 
+    @triton.jit
+    def _u_db_kernel(dy_ptr, bc_ptr, u_ptr, h_ptr, db_ptr, s, M, N, R, R_PAD: tl.constexpr,
+                     INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr,
+                     BLOCK_MS: tl.constexpr):
+        """The backward's first launch, two independent parts: dB [N, R] = s dy^T h (the first cdiv(N, BLOCK_F)
+        programs, which sum all M rows and so start first) and u [M, R] = round(dy Bc) (the rest, BLOCK_M rows
+        each)."""
+        pid = tl.program_id(0)
+        n_b = tl.cdiv(N, BLOCK_F)
+        if pid < n_b:
+            _sum_rows(dy_ptr, h_ptr, db_ptr, s, M, N, R, pid * BLOCK_F, R, 1, R_PAD, INTERPRETER, BLOCK_F, BLOCK_MS)
+        else:  # Q(r, n) = Bc[n, r]
+            _rows_block(dy_ptr, bc_ptr, u_ptr, dy_ptr, pid - n_b, M, N, R, 1, R, False, R_PAD, INTERPRETER, BLOCK_M,
+                        BLOCK_K)
+
+    @triton.jit
+    def _dx_da_kernel(dy_ptr, w_ptr, u_ptr, ac_ptr, dx_ptr, xr_ptr, da_ptr, s, M, N, K, R, swk, swn, N_A,
+                      R_PAD: tl.constexpr, INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_MS: tl.constexpr):
+        """The backward's second launch, after u: dA [R, K] = s u^T xr (the first N_A programs, BLOCK_F columns
+        each; N_A = 0: none) and dx [M, K] = dy W + s u Ac (the rest, one _gemm_tile each; W(k, n) at
+        w_ptr + k swk + n swn read as the GEMM's [N, K] operand). s != 0 (lora_backward)."""
+        pid = tl.program_id(0)
+        if pid < N_A:
+            _sum_rows(xr_ptr, u_ptr, da_ptr, s, M, K, R, pid * BLOCK_F, 1, K, R_PAD, INTERPRETER, BLOCK_F, BLOCK_MS)
+        else:
+            _gemm_tile(dy_ptr, w_ptr, u_ptr, ac_ptr, dy_ptr, dx_ptr, pid - N_A, s, M, K, N, R, swn, swk, K, 1, False,
+                       R_PAD, INTERPRETER, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+
     _INTERPRET = interpreting(_gemm_kernel)
     _LAUNCH = {"rows": DirectLauncher(_rows_kernel, "lora_train rows"),
                "gemm": DirectLauncher(_gemm_kernel, "lora_train gemm"),
-               "grads": DirectLauncher(_grads_kernel, "lora_train grads")}
+               "grads": DirectLauncher(_grads_kernel, "lora_train grads"),
+               "u_db": DirectLauncher(_u_db_kernel, "lora_train u + dB"),
+               "dx_da": DirectLauncher(_dx_da_kernel, "lora_train dx + dA")}
 else:
     _INTERPRET, _LAUNCH = False, {}
 
@@ -192,11 +240,24 @@ def set_config(in_dim: int, out_dim: int, which: str, config: dict | None) -> No
     _configs.clear()
 
 
+# the backward's launches, each two passes in one grid: the first pass's tiles and launch options, and the grads
+# pass's BLOCK_F and BLOCK_M (as BLOCK_MS) for its factor-gradient programs
+MERGED = {"u_db": "rows", "dx_da": "dx"}
+
+
+def _tiles(in_dim: int, out_dim: int, which: str) -> dict:
+    return {**DEFAULTS[which], **TUNED.get((in_dim, out_dim), {}).get(which, {})}
+
+
 def _kw(in_dim: int, out_dim: int, rank: int, which: str) -> dict:
     key = (in_dim, out_dim, rank, which)
     kw = _configs.get(key)
     if kw is None:
-        tiles = {**DEFAULTS[which], **TUNED.get((in_dim, out_dim), {}).get(which, {})}
+        if which in MERGED:
+            grads = _tiles(in_dim, out_dim, "grads")
+            tiles = {**_tiles(in_dim, out_dim, MERGED[which]), "BLOCK_F": grads["BLOCK_F"], "BLOCK_MS": grads["BLOCK_M"]}
+        else:
+            tiles = _tiles(in_dim, out_dim, which)
         kw = _configs[key] = dict(R_PAD=max(16, triton.next_power_of_2(rank)), INTERPRETER=_INTERPRET, **tiles)
     return kw
 
@@ -294,9 +355,36 @@ def lora_factor_grads(xr: Tensor, u: Tensor, dy2: Tensor, h: Tensor, s: float) -
     return dA, dB
 
 
+def lora_backward(dy2: Tensor, xr: Tensor, h: Tensor, W: Tensor, Ac: Tensor, Bc: Tensor, s: float, layout: str,
+                  dx_dtype: torch.dtype | None) -> tuple[Tensor | None, Tensor, Tensor]:
+    """(dx [M, in] in `dx_dtype` or None, dA [R, in], dB [out, R] in fp32): what lora_dx and lora_factor_grads give,
+    in two launches instead of three (each launch costs the host ~20 us, NOTES.md (29)): u and dB together, then dx
+    and dA together. dx_dtype None: no dx (dA's programs alone in the second launch). s == 0: the three launches
+    (the GEMM folds its term in as (acc / s + p Q) s)."""
+    if s == 0.0:
+        dx, u = lora_dx(dy2, W, Ac, Bc, s, layout, dx_dtype)
+        return (dx, *lora_factor_grads(xr, u, dy2, h, s))
+    M, N = dy2.shape
+    R, K = Ac.shape
+    u = torch.empty(M, R, dtype=Ac.dtype, device=dy2.device)
+    dA = torch.empty(R, K, dtype=torch.float32, device=dy2.device)
+    dB = torch.empty(N, R, dtype=torch.float32, device=dy2.device)
+    kw = _kw(K, N, R, "u_db")
+    grid = (cdiv(N, kw["BLOCK_F"]) + cdiv(M, kw["BLOCK_M"]),)
+    _LAUNCH["u_db"](grid, (dy2, Bc, u, h, dB, float(s), M, N, R), kw, (N, R))
+    kw = _kw(K, N, R, "dx_da")
+    n_a = cdiv(K, kw["BLOCK_F"])
+    dx = None if dx_dtype is None else torch.empty(M, K, dtype=dx_dtype, device=dy2.device)
+    n_dx = 0 if dx is None else cdiv(M, kw["BLOCK_M"]) * cdiv(K, kw["BLOCK_N"])
+    swk, swn = _strides(W, layout)
+    args = (dy2, W, u, Ac, u if dx is None else dx, xr, dA, float(s), M, N, K, R, swk, swn, n_a)
+    _LAUNCH["dx_da"]((n_a + n_dx,), args, kw, (K, N))
+    return dx, dA, dB
+
+
 class FusedLoRAFn(torch.autograd.Function):
     """One adapter at one uniform scale `s` on a frozen 16-bit base (kept cast by train_casts.py, or stored so):
-    the five launches above per layer and step. `ops` = (W, bias, Ac, Bc, layout): the tensors the kernels read,
+    the four launches above per layer and step. `ops` = (W, bias, Ac, Bc, layout): the tensors the kernels read,
     fixed between this forward and its backward (the optimizer steps after the backward; they are held on ctx, not
     saved, as _KeptLoRAFn's views are)."""
 
@@ -320,16 +408,14 @@ class FusedLoRAFn(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])
         if dy2.dtype != W.dtype or not dy2.is_contiguous():
             dy2 = dy2.to(W.dtype, memory_format=torch.contiguous_format)
-        dA = dB = None
-        # the first layer's input (the embeddings' LayerNorm) needs no gradient: u alone there
-        dx, u = lora_dx(dy2, W, Ac, Bc, s, layout, ctx.x_dtype if need[0] else None)
-        if dx is not None:
-            dx = dx.view(ctx.x_shape)
-        if need[1] or need[2]:
-            dA, dB = lora_factor_grads(xr, u, dy2, h, s)
-            dA = dA.to(ctx.grad_dtypes[0]) if need[1] else None  # fp32 masters: no copy
-            dB = dB.to(ctx.grad_dtypes[1]) if need[2] else None
-        return dx, dA, dB, None, None
+        dx_dtype = ctx.x_dtype if need[0] else None  # the first layer's input (the embeddings' LayerNorm): no dx
+        if not (need[1] or need[2]):
+            dx, _ = lora_dx(dy2, W, Ac, Bc, s, layout, dx_dtype)
+            return None if dx is None else dx.view(ctx.x_shape), None, None, None, None
+        dx, dA, dB = lora_backward(dy2, xr, h, W, Ac, Bc, s, layout, dx_dtype)
+        dA = dA.to(ctx.grad_dtypes[0]) if need[1] else None  # fp32 masters: no copy
+        dB = dB.to(ctx.grad_dtypes[1]) if need[2] else None
+        return None if dx is None else dx.view(ctx.x_shape), dA, dB, None, None
 
 
 def fused_lora_linear(x: Tensor, A: Tensor, B: Tensor, ops: tuple, s: float) -> Tensor:

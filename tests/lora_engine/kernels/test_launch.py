@@ -99,7 +99,7 @@ def test_two_configurations_under_one_key_do_not_evict_each_other(monkeypatch):
     log = []
     launcher = launch.DirectLauncher(_FakeJIT(log), "fake")
     launcher.direct = True
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(launch, "_current_device", lambda: 0)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 7, raising=False)
     kw_a, kw_b = {"BLOCK": 16}, {"BLOCK": 32}
     x = torch.zeros(8)
@@ -110,3 +110,47 @@ def test_two_configurations_under_one_key_do_not_evict_each_other(monkeypatch):
     assert launcher.launches == {"direct": 4, "jit": 2}  # what benchmarks/host_train.py reports
     launcher((1,), (x,), {"BLOCK": 16}, "key")  # an equal but new object: compiled again, as after set_config
     assert log[-1] == "jit" and launcher.launches == {"direct": 4, "jit": 3}
+
+
+class _FakeCudaLauncher:
+    """Stands for triton 3.6's CudaLauncher: `launch` is its C launch, __call__ what run() adds in Python."""
+
+    def __init__(self, log, scratch=0):
+        self.log, self.global_scratch_size, self.profile_scratch_size = log, scratch, 0
+        self.launch_cooperative_grid, self.launch_pdl = False, True
+
+    def launch(self, *args):
+        self.log.append(("c", args))
+
+    def __call__(self, *args):
+        self.log.append(("run", args))
+
+
+@needs_triton
+@pytest.mark.parametrize("version, scratch, via", [("3.6.0", 0, "c"), ("3.6.0", 64, "run"), ("3.9.0", 0, "run")])
+def test_direct_launch_calls_the_c_launcher_only_where_run_adds_nothing(monkeypatch, version, scratch, via):
+    """triton 3.6 and no scratch: the C launch itself, with run()'s own arguments (cooperative, pdl, two None
+    scratches) in run()'s order; a kernel with scratch or another triton: run(), which allocates it."""
+    log = []
+    compiled = _FakeCompiled(log)
+    compiled.run = _FakeCudaLauncher(log, scratch)
+
+    class JIT(_FakeJIT):
+        def __getitem__(self, grid):
+            return lambda *args, **kw: (log.append("jit"), compiled)[1]
+
+    monkeypatch.setattr(launch.triton, "__version__", version)
+    monkeypatch.setattr(launch, "_current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 7, raising=False)
+    launcher = launch.DirectLauncher(JIT(log), "fake")
+    launcher.direct = True
+    kw, x = {"BLOCK": 16}, torch.zeros(8)
+    launcher((3,), (x,), kw, "key")
+    launcher((3,), (x,), kw, "key")
+    assert log[0] == "jit" and log[1][0] == via
+    tail = (x, 16)  # a CPU tensor stays a tensor; then the constexprs
+    if via == "c":
+        assert log[1][1] == (3, 1, 1, 7, "function", False, True, None, None, "packed_metadata", None, None, None,
+                             *tail)
+    else:
+        assert log[1][1] == (3, 1, 1, 7, "function", "packed_metadata", None, None, None, *tail)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lora_engine.kernels import lora_gemv_triton as lg
+from lora_engine.kernels import launch as launch_mod
 from lora_engine.kernels.launch import DirectLauncher
 from tests.lora_engine.kernels.interpreter import run_interpreted
 
@@ -327,7 +328,7 @@ def test_direct_launch_after_first_jit_launch_with_fallbacks(monkeypatch):
     monkeypatch.setattr(lg, "LAUNCHER", DirectLauncher(fake, "lora_gemv"))
     monkeypatch.setattr(lg.LAUNCHER, "direct", True)
     monkeypatch.setattr(lg, "_launches", {})
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(launch_mod, "_current_device", lambda: 0)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 1000 + device, raising=False)
     W, A, B, bias = (torch.zeros(s, dtype=torch.bfloat16) for s in ((64, 48), (8, 64), (48, 8), (48,)))
     x = torch.zeros(2, 64)

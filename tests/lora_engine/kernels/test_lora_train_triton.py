@@ -81,11 +81,18 @@ for (M, K, N), R, wd, xd, bias in itertools.product(shapes, [1, 8, 12, 64], ["bf
     assert dA.dtype == dB.dtype == torch.float32 and dA.shape == (R, K) and dB.shape == (N, R)
     check("dA", dA, s * u.double().t() @ x64, torch.bfloat16)  # fp32 sums of M products: well inside bf16's eps
     check("dB", dB, s * dy.double().t() @ h.double(), torch.bfloat16)
+    for dx_dtype in (torch.float32, None):  # the two merged launches: the same sums as the three launches apart
+        got = lt.lora_backward(dy, xr, h, Wl, Ac, Bc, s, layout, dx_dtype)
+        want3 = (lt.lora_dx(dy, Wl, Ac, Bc, s, layout, dx_dtype)[0], dA, dB)
+        assert (got[0] is None) == (dx_dtype is None), case
+        assert all(g is w or torch.equal(g, w) for g, w in zip(got, want3)), f"lora_backward differs ({case})"
     if R == 8:  # s = 0: the GEMM kernel folds its term in as (acc / s + p Q) s, so _gemm passes none instead
         y0, _, _ = lt.lora_forward(x, Wl, b, Ac, Bc, 0.0, layout)
         check("y at s = 0", y0, x64 @ W.double().t() + (b.to(wd).double() if bias else 0.0), wd)
         dx0, _ = lt.lora_dx(dy, Wl, Ac, Bc, 0.0, layout, torch.float32)
         check("dx at s = 0", dx0, dy.double() @ W.double(), wd)
+        dx0b, dA0, dB0 = lt.lora_backward(dy, xr, h, Wl, Ac, Bc, 0.0, layout, torch.float32)
+        assert torch.equal(dx0b, dx0) and not dA0.any() and not dB0.any() and dA0.shape == dA.shape
 print(f"worst {max(errs):.2f} eps over {len(errs)} outputs")
 print("ok")
 '''
@@ -114,14 +121,14 @@ for args in (("conv", torch.float32, 8, 70, 45, (3, 37)), ("linear", torch.float
 # block's c_attn computes no dx (its input, the embeddings' LayerNorm, needs no gradient), and the step's output
 # and LoRA gradients equal the PyTorch path's and float64's
 calls = {"fused": 0, "no_dx": 0}
-fused, lora_dx = lt.fused_lora_linear, lt.lora_dx
+fused, backward = lt.fused_lora_linear, lt.lora_backward
 def counting(*a, **kw):
     calls["fused"] += 1
     return fused(*a, **kw)
-def counting_dx(*a, **kw):
+def counting_backward(*a, **kw):
     calls["no_dx"] += a[-1] is None
-    return lora_dx(*a, **kw)
-lt.fused_lora_linear, lt.lora_dx = counting, counting_dx
+    return backward(*a, **kw)
+lt.fused_lora_linear, lt.lora_backward = counting, counting_backward
 
 SITES = ["h.*.attn.c_attn", "h.*.attn.c_proj", "h.*.mlp.c_fc", "h.*.mlp.c_proj"]
 m = tiny_gpt2(n_layer=2, n_embd=48).train()
