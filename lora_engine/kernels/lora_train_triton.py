@@ -27,6 +27,8 @@ run them in Triton's interpreter.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -243,6 +245,7 @@ def set_config(in_dim: int, out_dim: int, which: str, config: dict | None) -> No
 # the backward's launches, each two passes in one grid: the first pass's tiles and launch options, and the grads
 # pass's BLOCK_F and BLOCK_M (as BLOCK_MS) for its factor-gradient programs
 MERGED = {"u_db": "rows", "dx_da": "dx"}
+MERGED_BACKWARD = True  # False: lora_backward takes the three separate launches
 
 
 def _tiles(in_dim: int, out_dim: int, which: str) -> dict:
@@ -360,10 +363,22 @@ def lora_backward(dy2: Tensor, xr: Tensor, h: Tensor, W: Tensor, Ac: Tensor, Bc:
     """(dx [M, in] in `dx_dtype` or None, dA [R, in], dB [out, R] in fp32): what lora_dx and lora_factor_grads give,
     in two launches instead of three (each launch costs the host ~20 us, NOTES.md (29)): u and dB together, then dx
     and dA together. dx_dtype None: no dx (dA's programs alone in the second launch). s == 0: the three launches
-    (the GEMM folds its term in as (acc / s + p Q) s)."""
-    if s == 0.0:
-        dx, u = lora_dx(dy2, W, Ac, Bc, s, layout, dx_dtype)
-        return (dx, *lora_factor_grads(xr, u, dy2, h, s))
+    (the GEMM folds its term in as (acc / s + p Q) s); so too after the merged launches failed once
+    (MERGED_BACKWARD)."""
+    global MERGED_BACKWARD
+    if MERGED_BACKWARD and s != 0.0:
+        try:
+            return _merged_backward(dy2, xr, h, W, Ac, Bc, s, layout, dx_dtype)
+        except Exception as err:  # a triton that cannot compile the two-pass grids: every result is rewritten below
+            MERGED_BACKWARD = False
+            warnings.warn(f"lora_train: the merged backward launches failed ({err!r}); the three separate launches "
+                          f"from now on")
+    dx, u = lora_dx(dy2, W, Ac, Bc, s, layout, dx_dtype)
+    return (dx, *lora_factor_grads(xr, u, dy2, h, s))
+
+
+def _merged_backward(dy2: Tensor, xr: Tensor, h: Tensor, W: Tensor, Ac: Tensor, Bc: Tensor, s: float, layout: str,
+                     dx_dtype: torch.dtype | None) -> tuple[Tensor | None, Tensor, Tensor]:
     M, N = dy2.shape
     R, K = Ac.shape
     u = torch.empty(M, R, dtype=Ac.dtype, device=dy2.device)

@@ -197,3 +197,23 @@ def test_wrong_shapes_are_refused_before_launch():
 def test_unknown_pass_is_refused():
     with pytest.raises(ValueError, match="the passes are"):
         lt.set_config(1280, 3840, "backward", {})
+
+
+def test_backward_takes_the_separate_launches_for_good_once_the_merged_ones_fail(monkeypatch):
+    """A triton that cannot compile the two-pass grids: one warning, then lora_dx + lora_factor_grads (their
+    results, not the failed launch's) on this and every later call; s = 0 never tries the merged launches."""
+    calls = []
+    def merged(*a):
+        calls.append("merged")
+        raise RuntimeError("PassManager::run failed")
+    monkeypatch.setattr(lt, "MERGED_BACKWARD", True)
+    monkeypatch.setattr(lt, "_merged_backward", merged)
+    monkeypatch.setattr(lt, "lora_dx", lambda *a: (calls.append("dx"), ("dx", "u"))[1])
+    monkeypatch.setattr(lt, "lora_factor_grads", lambda xr, u, dy, h, s: (calls.append(f"grads {u}"), ("dA", "dB"))[1])
+    args = ("dy", "xr", "h", "W", "Ac", "Bc")
+    assert lt.lora_backward(*args, 0.0, "out_in", None) == ("dx", "dA", "dB") and calls == ["dx", "grads u"]
+    calls.clear()
+    with pytest.warns(UserWarning, match="merged backward launches failed .*PassManager"):
+        assert lt.lora_backward(*args, 2.0, "out_in", None) == ("dx", "dA", "dB")
+    assert lt.lora_backward(*args, 2.0, "out_in", None) == ("dx", "dA", "dB")
+    assert calls == ["merged", "dx", "grads u", "dx", "grads u"] and lt.MERGED_BACKWARD is False
