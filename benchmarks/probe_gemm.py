@@ -75,38 +75,45 @@ def _tma(a_desc, w_desc, o_desc, p_ptr, q_ptr, s, M, N, K, R, EPI: tl.constexpr,
 SHAPES = [("c_attn", 1280, 3840), ("attn.c_proj", 1280, 1280), ("c_fc", 1280, 5120), ("mlp.c_proj", 5120, 1280)]
 CFGS = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 4, 4)]
 M, R = 4096, 8
-sms = torch.cuda.get_device_properties(0).multi_processor_count
-print(torch.cuda.get_device_name(), triton.__version__)
-for name, K, N in SHAPES:
-    a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-    W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5
-    p = torch.randn(M, R, device="cuda", dtype=torch.bfloat16); q = torch.randn(N, R, device="cuda", dtype=torch.bfloat16)
-    want = (a.float() @ W.float().t() + 0.5 * p.float() @ q.float().t())
-    out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-    cub = do_bench(lambda: torch.mm(a, W.t(), out=out))
-    print(f"{name} cuBLAS {cub * 1e3:.1f} us")
-    for BM, BN, BK, nw, ns in CFGS:
-        row = []
-        for label, fn in [
-            ("ptr", lambda epi, mask: _ptr[(triton.cdiv(M, BM) * triton.cdiv(N, BN),)](a, W, p, q, out, 0.5, M, N, K, R, mask, epi, 16, BM, BN, BK, 8, num_warps=nw, num_stages=ns)),
-            ("tma", "tma"), ("tmaP", "tmaP")]:
-            for epi, mask in ((1, True), (2, True), (0, True)) if label == "ptr" else ((1, None), (2, None), (0, None)):
-                try:
-                    if label != "ptr":
-                        if TensorDescriptor is None: raise RuntimeError("no TensorDescriptor")
-                        ad, wd, od = (TensorDescriptor.from_tensor(a, [BM, BK]), TensorDescriptor.from_tensor(W, [BN, BK]),
-                                      TensorDescriptor.from_tensor(out, [BM, BN]))
-                        pers = label == "tmaP"
-                        grid = (min(sms, triton.cdiv(M, BM) * triton.cdiv(N, BN)) if pers else triton.cdiv(M, BM) * triton.cdiv(N, BN),)
-                        f = lambda: _tma[grid](ad, wd, od, p, q, 0.5, M, N, K, R, epi, 16, BM, BN, BK, 8, pers, sms, num_warps=nw, num_stages=ns)
-                    else:
-                        f = lambda: fn(epi, mask)
-                    f(); torch.cuda.synchronize()
-                    if epi:
-                        err = ((out.float() - want).norm() / want.norm()).item(); assert err < 1e-2, err
-                    t = do_bench(f)
-                    row.append(f"{label}{['', '+epi', '+pro'][epi]} {t / cub:.2f}x")
-                except Exception as e:
-                    row.append(f"{label} epi={epi} FAILED {type(e).__name__}: {str(e)[:80]}")
-        print(f"  {BM}x{BN}x{BK} w{nw} s{ns}: " + " | ".join(row))
-    sys.stdout.flush()
+
+
+def main() -> None:
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print(torch.cuda.get_device_name(), triton.__version__)
+    for name, K, N in SHAPES:
+        a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5
+        p = torch.randn(M, R, device="cuda", dtype=torch.bfloat16); q = torch.randn(N, R, device="cuda", dtype=torch.bfloat16)
+        want = (a.float() @ W.float().t() + 0.5 * p.float() @ q.float().t())
+        out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+        cub = do_bench(lambda: torch.mm(a, W.t(), out=out))
+        print(f"{name} cuBLAS {cub * 1e3:.1f} us")
+        for BM, BN, BK, nw, ns in CFGS:
+            row = []
+            for label, fn in [
+                ("ptr", lambda epi, mask: _ptr[(triton.cdiv(M, BM) * triton.cdiv(N, BN),)](a, W, p, q, out, 0.5, M, N, K, R, mask, epi, 16, BM, BN, BK, 8, num_warps=nw, num_stages=ns)),
+                ("tma", "tma"), ("tmaP", "tmaP")]:
+                for epi, mask in ((1, True), (2, True), (0, True)) if label == "ptr" else ((1, None), (2, None), (0, None)):
+                    try:
+                        if label != "ptr":
+                            if TensorDescriptor is None: raise RuntimeError("no TensorDescriptor")
+                            ad, wd, od = (TensorDescriptor.from_tensor(a, [BM, BK]), TensorDescriptor.from_tensor(W, [BN, BK]),
+                                          TensorDescriptor.from_tensor(out, [BM, BN]))
+                            pers = label == "tmaP"
+                            grid = (min(sms, triton.cdiv(M, BM) * triton.cdiv(N, BN)) if pers else triton.cdiv(M, BM) * triton.cdiv(N, BN),)
+                            f = lambda: _tma[grid](ad, wd, od, p, q, 0.5, M, N, K, R, epi, 16, BM, BN, BK, 8, pers, sms, num_warps=nw, num_stages=ns)
+                        else:
+                            f = lambda: fn(epi, mask)
+                        f(); torch.cuda.synchronize()
+                        if epi:
+                            err = ((out.float() - want).norm() / want.norm()).item(); assert err < 1e-2, err
+                        t = do_bench(f)
+                        row.append(f"{label}{['', '+epi', '+pro'][epi]} {t / cub:.2f}x")
+                    except Exception as e:
+                        row.append(f"{label} epi={epi} FAILED {type(e).__name__}: {str(e)[:80]}")
+            print(f"  {BM}x{BN}x{BK} w{nw} s{ns}: " + " | ".join(row))
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
