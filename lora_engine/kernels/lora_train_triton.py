@@ -32,7 +32,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from .launch import DirectLauncher, cdiv, interpreting
+from .launch import DirectLauncher, Tiled, cdiv, interpreting, tma_aligned, tma_supported
 
 try:
     import triton
@@ -53,19 +53,20 @@ def _gemm_tiles(block_m: int, block_n: int, block_k: int, warps: int, stages: in
             "num_stages": stages}
 
 
-# (in, out) -> tiles per pass: the fastest of benchmarks/tune_train.py on an H100 (h100-2026-12-05-tune_train-v25)
+# (in, out) -> tiles per pass: the fastest of benchmarks/tune_train.py on an H100 (rows, grads:
+# h100-2026-12-05-tune_train-v25; fwd, dx through TMA: the sweep of h100-2026-12-07-v31.json's "train_tiles")
 TUNED: dict[tuple[int, int], dict[str, dict]] = {
     (1280, 3840): {"rows": {"BLOCK_M": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
-                   "fwd": _gemm_tiles(64, 128, 64, 4, 4), "dx": _gemm_tiles(64, 128, 64, 4, 4),
+                   "fwd": _gemm_tiles(128, 128, 64, 4, 3), "dx": _gemm_tiles(128, 128, 64, 4, 4),
                    "grads": {"BLOCK_F": 32, "BLOCK_M": 256, "num_warps": 4, "num_stages": 3}},
     (1280, 1280): {"rows": {"BLOCK_M": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
-                   "fwd": _gemm_tiles(128, 128, 64, 8, 3), "dx": _gemm_tiles(128, 128, 64, 8, 4),
+                   "fwd": _gemm_tiles(128, 128, 64, 8, 3), "dx": _gemm_tiles(128, 128, 64, 8, 3),
                    "grads": {"BLOCK_F": 32, "BLOCK_M": 256, "num_warps": 4, "num_stages": 3}},
     (1280, 5120): {"rows": {"BLOCK_M": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
-                   "fwd": _gemm_tiles(64, 128, 64, 4, 4), "dx": _gemm_tiles(64, 128, 64, 4, 4),
+                   "fwd": _gemm_tiles(128, 128, 64, 4, 3), "dx": _gemm_tiles(128, 128, 64, 4, 4),
                    "grads": {"BLOCK_F": 32, "BLOCK_M": 256, "num_warps": 4, "num_stages": 3}},
     (5120, 1280): {"rows": {"BLOCK_M": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
-                   "fwd": _gemm_tiles(128, 128, 64, 8, 4), "dx": _gemm_tiles(256, 128, 64, 8, 3),
+                   "fwd": _gemm_tiles(128, 128, 64, 4, 4), "dx": _gemm_tiles(128, 256, 64, 8, 3),
                    "grads": {"BLOCK_F": 32, "BLOCK_M": 256, "num_warps": 4, "num_stages": 3}}}
 DEFAULTS = {"rows": {"BLOCK_M": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},  # other shapes
             "fwd": _gemm_tiles(128, 128, 64, 8, 3), "dx": _gemm_tiles(128, 128, 64, 8, 3),
@@ -115,14 +116,18 @@ if triton is not None:
 
     @triton.jit
     def _gemm_tile(a_ptr, w_ptr, p_ptr, q_ptr, bias_ptr, out_ptr, pid, s, M, N, K, R, swk, swn, sqr, sqn,
-                   HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr, INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                   HAS_BIAS: tl.constexpr, TMA: tl.constexpr, W_KN: tl.constexpr, OUT_TMA: tl.constexpr,
+                   R_PAD: tl.constexpr, INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         """out [M, N] = a W + s p Q (+ bias) for tile `pid` ([BLOCK_M, BLOCK_N]), rounded once to out's dtype: a [M, K]
         row-major in the compute dtype, W(k, n) at w_ptr + k swk + n swn, p [M, R] row-major, Q(r, n) at
         q_ptr + r sqr + n sqn. The main loop is the base GEMM alone (one tl.dot: a second one in the loop stalls the
         MMA pipeline, NOTES.md (26)); the rank-R term and the bias are added in the epilogue.
+        TMA: a and W are tensor descriptors instead (blocks [BLOCK_M, BLOCK_K] of a; of W [BLOCK_K, BLOCK_N] of
+        W(k, n) when W_KN, else [BLOCK_N, BLOCK_K] of W(n, k)), loaded by the TMA unit; swk, swn unused. OUT_TMA:
+        out is a descriptor too ([BLOCK_M, BLOCK_N]), stored by it. Pointer loads took 1.45-2.07x cuBLAS's time
+        for the same GEMM, TMA 1.09-1.32x (benchmarks/probe_gemm.py, NOTES.md (30)).
         Forward: a = xr, W = the base's W^T, p = h, Q = Bc^T. Backward: a = dy, W = the base's W, p = u, Q = Ac."""
-        cdt = w_ptr.dtype.element_ty
         pid_m, pid_n = _grouped(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -130,11 +135,19 @@ if triton is not None:
         m_ok, n_ok, r_ok = offs_m < M, offs_n < N, offs_r < R
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < K
-            a = tl.load(a_ptr + offs_m[:, None] * K + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptr + offs_k[:, None] * swk + offs_n[None, :] * swn, mask=k_ok[:, None] & n_ok[None, :],
-                        other=0.0)  # [BLOCK_K, BLOCK_N]
+            if TMA:  # out of bounds (the tails) the unit reads zeros
+                a = a_ptr.load([pid_m * BLOCK_M, k0])
+                if W_KN:
+                    w = w_ptr.load([k0, pid_n * BLOCK_N])
+                else:
+                    w = w_ptr.load([pid_n * BLOCK_N, k0]).T  # [BLOCK_K, BLOCK_N]
+            else:
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_ok = offs_k < K
+                a = tl.load(a_ptr + offs_m[:, None] * K + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                            other=0.0)
+                w = tl.load(w_ptr + offs_k[:, None] * swk + offs_n[None, :] * swn,
+                            mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
             acc = _dot(a, w, acc, INTERPRETER)
         p = tl.load(p_ptr + offs_m[:, None] * R + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
         q = tl.load(q_ptr + offs_r[:, None] * sqr + offs_n[None, :] * sqn, mask=r_ok[:, None] & n_ok[None, :],
@@ -142,19 +155,23 @@ if triton is not None:
         # into the base accumulator itself, (acc / s + p Q) s: s p Q in a [BLOCK_M, BLOCK_N] fp32 tile of its own
         # doubled the registers the epilogue holds and spilled every large tile (NOTES.md (27)); s != 0 (_gemm)
         acc = _dot(p, q, acc * (1.0 / s), INTERPRETER) * s
-        if HAS_BIAS:
-            b = _round(tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0), cdt, INTERPRETER)  # as autocast casts it
+        if HAS_BIAS:  # rounded to the compute dtype (p's) as autocast casts it
+            b = _round(tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0), p_ptr.dtype.element_ty, INTERPRETER)
             acc += b.to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], _round(acc, out_ptr.dtype.element_ty, INTERPRETER),
-                 mask=m_ok[:, None] & n_ok[None, :])
+        if OUT_TMA:  # out of bounds the unit writes nothing
+            out_ptr.store([pid_m * BLOCK_M, pid_n * BLOCK_N], _round(acc, out_ptr.dtype, INTERPRETER))
+        else:
+            tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :],
+                     _round(acc, out_ptr.dtype.element_ty, INTERPRETER), mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
     def _gemm_kernel(a_ptr, w_ptr, p_ptr, q_ptr, bias_ptr, out_ptr, s, M, N, K, R, swk, swn, sqr, sqn,
-                     HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr, INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, TMA: tl.constexpr, W_KN: tl.constexpr, OUT_TMA: tl.constexpr,
+                     R_PAD: tl.constexpr, INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         """_gemm_tile, one program per tile."""
         _gemm_tile(a_ptr, w_ptr, p_ptr, q_ptr, bias_ptr, out_ptr, tl.program_id(0), s, M, N, K, R, swk, swn, sqr, sqn,
-                   HAS_BIAS, R_PAD, INTERPRETER, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+                   HAS_BIAS, TMA, W_KN, OUT_TMA, R_PAD, INTERPRETER, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
     @triton.jit
     def _sum_rows(p_ptr, q_ptr, out_ptr, s, M, F, R, f0, sf, sr, R_PAD: tl.constexpr, INTERPRETER: tl.constexpr,
@@ -205,17 +222,19 @@ if triton is not None:
 
     @triton.jit
     def _dx_da_kernel(dy_ptr, w_ptr, u_ptr, ac_ptr, dx_ptr, xr_ptr, da_ptr, s, M, N, K, R, swk, swn, N_A,
-                      R_PAD: tl.constexpr, INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_MS: tl.constexpr):
+                      TMA: tl.constexpr, W_KN: tl.constexpr, OUT_TMA: tl.constexpr, R_PAD: tl.constexpr,
+                      INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GROUP_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_MS: tl.constexpr):
         """The backward's second launch, after u: dA [R, K] = s u^T xr (the first N_A programs, BLOCK_F columns
         each; N_A = 0: none) and dx [M, K] = dy W + s u Ac (the rest, one _gemm_tile each; W(k, n) at
-        w_ptr + k swk + n swn read as the GEMM's [N, K] operand). s != 0 (lora_backward)."""
+        w_ptr + k swk + n swn read as the GEMM's [N, K] operand; TMA, W_KN, OUT_TMA: as _gemm_tile takes them).
+        s != 0 (lora_backward)."""
         pid = tl.program_id(0)
         if pid < N_A:
             _sum_rows(xr_ptr, u_ptr, da_ptr, s, M, K, R, pid * BLOCK_F, 1, K, R_PAD, INTERPRETER, BLOCK_F, BLOCK_MS)
         else:
-            _gemm_tile(dy_ptr, w_ptr, u_ptr, ac_ptr, dy_ptr, dx_ptr, pid - N_A, s, M, K, N, R, swn, swk, K, 1, False,
-                       R_PAD, INTERPRETER, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+            _gemm_tile(dy_ptr, w_ptr, u_ptr, ac_ptr, u_ptr, dx_ptr, pid - N_A, s, M, K, N, R, swn, swk, K, 1, False,
+                       TMA, W_KN, OUT_TMA, R_PAD, INTERPRETER, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
     _INTERPRET = interpreting(_gemm_kernel)
     _LAUNCH = {"rows": DirectLauncher(_rows_kernel, "lora_train rows"),
@@ -246,6 +265,7 @@ def set_config(in_dim: int, out_dim: int, which: str, config: dict | None) -> No
 # pass's BLOCK_F and BLOCK_M (as BLOCK_MS) for its factor-gradient programs
 MERGED = {"u_db": "rows", "dx_da": "dx"}
 MERGED_BACKWARD = True  # False: lora_backward takes the three separate launches
+TMA = True  # False: the GEMMs load through pointers (the benchmarks compare; set for good once a TMA launch failed)
 
 
 def _tiles(in_dim: int, out_dim: int, which: str) -> dict:
@@ -299,6 +319,41 @@ def _rows(P: Tensor, Q: Tensor, sqr: int, sqk: int, R: int, which: tuple) -> tup
     return out, pr
 
 
+def _operands(a: Tensor, W: Tensor, swk: int, swn: int, out: Tensor, kw: dict, tma: bool) -> tuple:
+    """(a, W, out, TMA, W_KN, OUT_TMA) as _gemm_tile takes them for out [M, N] = a [M, K] W(k, n): with `tma`, a and
+    W as tensor descriptors in the tiles of `kw` where TMA may read them (16-byte aligned rows, a unit stride in
+    W(k, n) along k or n; Hopper or later), out too when it is 16-bit (an fp32 tile staged for the TMA store would
+    take the shared memory the main loop's stages need); else the tensors themselves (pointer loads)."""
+    M, K = a.shape
+    N = out.shape[1]
+    w_kn = swn == 1  # W(k, n) rows along k: the [K, N] matrix itself; else W(n, k) is [N, K] row-major
+    w_strides = (swk, 1) if w_kn else (swn, 1)
+    if not (tma and tma_supported(a) and 1 in (swk, swn) and tma_aligned(a, (K, 1)) and tma_aligned(W, w_strides)):
+        return a, W, out, False, False, False
+    bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+    w = Tiled(W, (K, N), w_strides, (bk, bn)) if w_kn else Tiled(W, (N, K), w_strides, (bn, bk))
+    out_tma = out.element_size() == 2 and tma_aligned(out, (N, 1))
+    o = Tiled(out, (M, N), (N, 1), (bm, bn)) if out_tma else out
+    return Tiled(a, (M, K), (K, 1), (bm, bk)), w, o, True, w_kn, out_tma
+
+
+_TMA_FAILED: dict[int, dict] = {}  # id(kw) -> kw (held, so that the id is not reused) of tiles whose TMA launch failed
+
+
+def _tma_or_pointers(launch, kw: dict) -> None:
+    """launch(tma) with tma = TMA, unless the TMA launch at these tiles (`kw`) failed before. A TMA launch that
+    raises (a triton or GPU that cannot compile it, e.g. out of shared memory at these tiles) turns TMA off for
+    these tiles for good, with a warning, and launches again through pointers, which rewrites every output; an
+    error of the launch itself then comes from there."""
+    if TMA and id(kw) not in _TMA_FAILED:
+        try:
+            return launch(True)
+        except Exception as err:
+            _TMA_FAILED[id(kw)] = kw
+            warnings.warn(f"lora_train: a TMA launch failed ({err!r}); these tiles load through pointers from now on")
+    launch(False)
+
+
 def _gemm(a: Tensor, W: Tensor, swk: int, swn: int, p: Tensor, Q: Tensor, sqr: int, sqn: int, bias: Tensor | None,
           s: float, N: int, out_dtype: torch.dtype, which: tuple, pass_: str) -> Tensor:
     """a W + s p Q (+ bias) as [M, N] in `out_dtype` (_gemm_kernel), with the tiles of layer `which` = (in, out) for
@@ -310,9 +365,14 @@ def _gemm(a: Tensor, W: Tensor, swk: int, swn: int, p: Tensor, Q: Tensor, sqr: i
     R = p.shape[1]
     if s == 0.0:  # no rank-R term; the kernel divides by s: unit scale and every p, Q element masked off instead
         s, R = 1.0, 0
-    args = (a, W, p, Q, W if bias is None else bias, out, float(s), M, N, K, R, swk, swn, sqr, sqn,
-            bias is not None)  # HAS_BIAS by position: part of the launch key
-    _LAUNCH["gemm"](grid, args, kw, (pass_, K, N, bias is not None))
+
+    def launch(tma: bool) -> None:
+        a_, w_, out_, *flags = _operands(a, W, swk, swn, out, kw, tma)
+        args = (a_, w_, p, Q, W if bias is None else bias, out_, float(s), M, N, K, R, swk, swn, sqr, sqn,
+                bias is not None, *flags)  # HAS_BIAS, TMA, W_KN, OUT_TMA by position: part of the launch key
+        _LAUNCH["gemm"](grid, args, kw, (pass_, K, N, bias is not None))
+
+    _tma_or_pointers(launch, kw)
     return out
 
 
@@ -392,8 +452,14 @@ def _merged_backward(dy2: Tensor, xr: Tensor, h: Tensor, W: Tensor, Ac: Tensor, 
     dx = None if dx_dtype is None else torch.empty(M, K, dtype=dx_dtype, device=dy2.device)
     n_dx = 0 if dx is None else cdiv(M, kw["BLOCK_M"]) * cdiv(K, kw["BLOCK_N"])
     swk, swn = _strides(W, layout)
-    args = (dy2, W, u, Ac, u if dx is None else dx, xr, dA, float(s), M, N, K, R, swk, swn, n_a)
-    _LAUNCH["dx_da"]((n_a + n_dx,), args, kw, (K, N))
+
+    def launch(tma: bool) -> None:  # dx = dy W: W(n, k) as the GEMM's operand, i.e. W(k, n) swapped (lora_dx)
+        ops = (dy2, W, u, False, False, False) if dx is None else _operands(dy2, W, swn, swk, dx, kw, tma)
+        dy_, w_, dx_, *flags = ops
+        args = (dy_, w_, u, Ac, dx_, xr, dA, float(s), M, N, K, R, swk, swn, n_a, *flags)
+        _LAUNCH["dx_da"]((n_a + n_dx,), args, kw, (K, N))
+
+    _tma_or_pointers(launch, kw)
     return dx, dA, dB
 
 

@@ -154,3 +154,85 @@ def test_direct_launch_calls_the_c_launcher_only_where_run_adds_nothing(monkeypa
                              *tail)
     else:
         assert log[1][1] == (3, 1, 1, 7, "function", "packed_metadata", None, None, None, *tail)
+
+
+@needs_triton
+@pytest.mark.skipif(launch.TensorDescriptor is None, reason="this triton has no host tensor descriptors")
+def test_tiled_key_separates_exactly_what_triton_specializes_a_descriptor_on():
+    """A descriptor is specialized on its dtype and block (its type, "tensordesc<bf16[128, 64]>"), not its address,
+    shape or strides (runtime arguments)."""
+    buf = torch.zeros(64, 128, dtype=torch.bfloat16)
+    cases = [launch.Tiled(buf, (64, 128), (128, 1), (16, 32)), launch.Tiled(buf[8:], (56, 128), (128, 1), (16, 32)),
+             launch.Tiled(buf, (64, 64), (128, 1), (16, 32)), launch.Tiled(buf, (64, 128), (128, 1), (32, 32)),
+             launch.Tiled(buf.half(), (64, 128), (128, 1), (16, 32))]
+    ours = [launch.specialization((t,)) for t in cases]
+    theirs = [_triton_specialization((t.descriptor(),)) for t in cases]
+    for i in range(len(cases)):
+        for j in range(len(cases)):
+            assert (ours[i] == ours[j]) == (theirs[i] == theirs[j]), (cases[i], cases[j], theirs[i], theirs[j])
+    assert ours[0] == ours[1] == ours[2] and ours[0] != ours[3] and ours[0] != ours[4]
+
+
+def test_tma_alignment_is_what_a_tensor_descriptor_asks():
+    buf = torch.zeros(64, 72, dtype=torch.bfloat16)
+    assert launch.tma_aligned(buf, (72, 1)) and launch.tma_aligned(buf[8:], (72, 1))  # 144-byte rows
+    assert not launch.tma_aligned(buf[:, 1:], (72, 1))  # 2 bytes off
+    assert not launch.tma_aligned(buf.view(-1)[:64 * 36].view(64, 36), (36, 1))  # 72-byte rows
+    assert not launch.tma_aligned(buf, (1, 72))  # no unit inner stride
+
+
+class _TMAKernel(_FakeCompiled):
+    """A compiled kernel with one descriptor parameter under triton 3.6: run.launch is wrap_handle_tensordesc's
+    Python, which closes over the C launch (`launcher`)."""
+
+    def __init__(self, log):
+        super().__init__(log)
+        self.metadata = type("Metadata", (), {"tensordesc_meta": [{"swizzle": 3}]})()
+        self.run = _FakeCudaLauncher(log)
+
+        def launcher(*args):
+            log.append(("c", args))
+
+        def inner(*args):  # what 3.6 wraps the C launch in: a CUtensorMap per descriptor, every launch
+            log.append(("wrapper", args))
+            return launcher(*args)
+
+        self.run.launch = inner
+
+
+@needs_triton
+def test_direct_launch_of_a_tma_kernel_encodes_each_tensor_map_once(monkeypatch):
+    """triton 3.6, a Tiled argument: JIT gets the TensorDescriptor; direct launches call the C launch under 3.6's
+    wrapper with (CUtensorMap, *shape, *strides) in the descriptor's place, encoded once per address, shape and
+    strides with the kernel's own metadata, and again when any of them changes."""
+    if launch.TensorDescriptor is None:
+        pytest.skip("this triton has no host tensor descriptors")
+    log, encoded = [], []
+    compiled = _TMAKernel(log)
+
+    class JIT(_FakeJIT):
+        arg_names = ("a", "n", "BLOCK")
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: (log.append(("jit", args)), compiled)[1]
+
+    def encode(desc, meta):
+        encoded.append((desc.base.data_ptr(), tuple(desc.shape), meta))
+        return [f"map{len(encoded)}", *desc.shape, *desc.strides]
+
+    monkeypatch.setattr(launch.triton, "__version__", "3.6.0")
+    monkeypatch.setattr(launch, "_current_device", lambda: 0)
+    monkeypatch.setattr(launch, "_encoder", lambda: encode)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 7, raising=False)
+    launcher = launch.DirectLauncher(JIT(log), "fake")
+    launcher.direct = True
+    buf, kw = torch.zeros(64, 128, dtype=torch.bfloat16), {"BLOCK": 16}
+    t = launch.Tiled(buf, (64, 128), (128, 1), (16, 32))
+    for _ in range(3):
+        launcher((2,), (t, 5), kw, "key")
+    launcher((2,), (launch.Tiled(buf, (32, 128), (128, 1), (16, 32)), 5), kw, "key")  # fewer rows: a new map
+    assert log[0][0] == "jit" and isinstance(log[0][1][0], launch.TensorDescriptor) and log[0][1][1] == 5
+    head = (2, 1, 1, 7, "function", False, True, None, None, "packed_metadata", None, None, None)
+    assert log[1:] == [("c", (*head, "map1", 64, 128, 128, 1, 5, 16))] * 2 + [
+        ("c", (*head, "map2", 32, 128, 128, 1, 5, 16))]  # never through the wrapper
+    assert encoded == [(buf.data_ptr(), (64, 128), {"swizzle": 3}), (buf.data_ptr(), (32, 128), {"swizzle": 3})]

@@ -104,6 +104,79 @@ def test_fused_training_kernels_match_float64_in_triton_interpreter(layout):
     run_interpreted(KERNELS, layout)
 
 
+TMA_PATH = SMALL + r'''
+import itertools
+import torch
+from lora_engine.kernels import launch
+# the TMA path (tensor descriptors for a, W and a 16-bit out) against the pointer path, bit for bit: the same fp32
+# sums in the same order, so any wrong tile origin, block or transposition shows; ragged M, K and N tails (the
+# unit reads zeros and writes nothing out of bounds), both layouts, both dx dtypes, the merged backward
+used = []
+launcher = lt._LAUNCH["gemm"].__call__.__func__
+def spying(self, grid, args, kw, key):  # how many descriptors each GEMM launch takes
+    if self.name in ("lora_train gemm", "lora_train dx + dA"):
+        used.append(sum(type(a) is launch.Tiled for a in args))
+    return launcher(self, grid, args, kw, key)
+launch.DirectLauncher.__call__ = spying
+for (M, K, N), layout, xd in itertools.product([(100, 48, 40), (77, 64, 24), (130, 16, 72)], ["out_in", "in_out"],
+                                               [torch.float32, torch.bfloat16]):
+    case = (M, K, N, layout, xd)
+    g = torch.Generator().manual_seed(M + K + N)
+    x = torch.randn(M, K, generator=g).to(xd)
+    W = (torch.randn(N, K, generator=g) / K ** 0.5).bfloat16()
+    Wl = W if layout == "out_in" else W.t().contiguous()
+    Ac = (torch.randn(8, K, generator=g) / K ** 0.5).bfloat16()
+    Bc = (torch.randn(N, 8, generator=g) / 8 ** 0.5).bfloat16()
+    b, dy = torch.randn(N, generator=g), torch.randn(M, N, generator=g).bfloat16()
+    out = {}
+    for tma in (True, False):
+        lt.TMA = tma
+        used.clear()
+        y, h, xr = lt.lora_forward(x, Wl, b, Ac, Bc, 1.5, layout)
+        dx16, _ = lt.lora_dx(dy, Wl, Ac, Bc, 1.5, layout, torch.bfloat16)
+        dx32, dA, dB = lt.lora_backward(dy, xr, h, Wl, Ac, Bc, 1.5, layout, torch.float32)
+        out[tma] = (y, dx16, dx32, dA, dB)
+        assert used == ([3, 3, 2] if tma else [0, 0, 0]), (case, tma, used)  # fp32 dx: a pointer store
+    assert all(torch.equal(a, b) for a, b in zip(out[True], out[False])), f"TMA and pointer paths differ ({case})"
+    want = xr.double() @ W.double().t() + 1.5 * h.double() @ Bc.double().t() + b.bfloat16().double()
+    err = ((out[True][0].double() - want).abs().max() / want.abs().max()).item()
+    assert err <= torch.finfo(torch.bfloat16).eps, (case, err)
+lt.TMA = True
+# not 16-byte aligned rows (K = 36 bf16: 72 bytes): pointers, and the same answer
+x = torch.randn(70, 36).bfloat16()
+W, Ac, Bc = torch.randn(24, 36).bfloat16(), torch.randn(8, 36).bfloat16(), torch.randn(24, 8).bfloat16()
+used.clear()
+y, _, _ = lt.lora_forward(x, W, None, Ac, Bc, 2.0, "out_in")
+assert used == [0], used
+print("ok")
+'''
+
+
+@needs_triton
+def test_tma_path_equals_pointer_path_bit_for_bit_in_interpreter():
+    run_interpreted(TMA_PATH)
+
+
+@needs_triton
+def test_a_failed_tma_launch_falls_back_to_pointers_for_good_at_those_tiles(monkeypatch):
+    """A triton or GPU that cannot compile the TMA GEMM at some tiles: one warning, then pointer launches at those
+    tiles, this call and later; other tiles keep TMA."""
+    calls = []
+    def launch(tma):
+        calls.append(tma)
+        if tma:
+            raise RuntimeError("out of resource: shared memory")
+    monkeypatch.setattr(lt, "TMA", True)
+    monkeypatch.setattr(lt, "_TMA_FAILED", {})
+    big, small = {"BLOCK_N": 256}, {"BLOCK_N": 128}
+    with pytest.warns(UserWarning, match="TMA launch failed .*shared memory"):
+        lt._tma_or_pointers(launch, big)
+    lt._tma_or_pointers(launch, big)
+    assert calls == [True, False, False]
+    lt._tma_or_pointers(lambda tma: calls.append(("small", tma)), small)
+    assert calls[-1] == ("small", True) and lt.TMA is True
+
+
 LAYERS = SMALL + r'''
 import copy
 import torch
