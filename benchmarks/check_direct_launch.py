@@ -1,11 +1,12 @@
-"""Check lora_gemv's direct launch (lora_engine/kernels/launch.py, as lora_gemv_triton.LAUNCHER) on the GPU.
+"""Check the direct launch (lora_engine/kernels/launch.py) on the GPU: lora_gemv's, and the TMA training GEMMs'.
 
     python benchmarks/check_direct_launch.py     # on the GPU, well under 30 s; exits 1 on any mismatch
 
 One decode row of fp32 x into a GPT2 c_attn shape (bf16 weight [1280, 3840] "in_out", bias, rank 8). The direct
 launch must give bit-identical outputs to Triton's JIT launch: eagerly (M = 1, M = 2, a misaligned x: three
 specializations) and replayed from a captured CUDA graph after x changed in place. Then host us per call,
-perf_counter around 2000 calls without a sync (`wall` adds the final sync), JIT against direct.
+perf_counter around 2000 calls without a sync (`wall` adds the final sync), JIT against direct. Then the same for
+the fused training GEMMs, which take TMA descriptors (check_tma_gemm).
 """
 from __future__ import annotations
 
@@ -40,6 +41,74 @@ def host_us(x: torch.Tensor, factors: tuple, direct: bool) -> tuple[float, float
     torch.cuda.synchronize()
     t2 = time.perf_counter()
     return (t1 - t0) / CALLS * 1e6, (t2 - t0) / CALLS * 1e6
+
+
+def check_tma_gemm() -> list[str]:
+    """The fused training forward and backward (lora_train_triton) at c_attn's shape, M = 4096: its GEMMs take TMA
+    descriptors (launch.Tiled), whose tensor maps a direct launch keeps. Direct == JIT bit for bit, eagerly and
+    replayed from a CUDA graph after x changed in place; host us per forward + backward, JIT against direct."""
+    from lora_engine.kernels import launch, lora_train_triton as lt
+    failures = []
+    g = torch.Generator(device="cuda").manual_seed(1)
+    M, K, N, R = 4096, 1280, 3840, 8
+    W = (torch.randn(N, K, device="cuda", generator=g) / K ** 0.5).bfloat16()
+    bias = torch.randn(N, device="cuda", generator=g).bfloat16()
+    Ac = (torch.randn(R, K, device="cuda", generator=g) / K ** 0.5).bfloat16()
+    Bc = (torch.randn(N, R, device="cuda", generator=g) / R ** 0.5).bfloat16()
+    x = torch.randn(M, K, device="cuda", generator=g)
+    dy = torch.randn(M, N, device="cuda", generator=g).bfloat16()
+    launchers = [lt._LAUNCH[k] for k in ("gemm", "dx_da")] + [lt._LAUNCH[k] for k in ("rows", "u_db")]
+
+    def step(xi, direct):
+        for la in launchers:
+            la.enabled = direct
+        y, h, xr = lt.lora_forward(xi, W, bias, Ac, Bc, 2.0, "out_in")
+        return (y, *lt.lora_backward(dy, xr, h, W, Ac, Bc, 2.0, "out_in", torch.float32))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        jit = step(x, False)
+        direct = [step(x, True) for _ in range(3)]
+        same = all(torch.equal(a, b) for d in direct for a, b in zip(jit, d))
+        print(f"TMA GEMMs, eager: direct == JIT bit for bit (y, dx, dA, dB): {same}")
+        if not same:
+            failures.append("TMA GEMMs: direct and JIT outputs differ")
+        x_static = x.clone()
+        step(x_static, True)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out_graph = step(x_static, True)
+        for i in range(2):
+            x_static.copy_(torch.randn(x.shape, device="cuda", generator=g))
+            graph.replay()
+            torch.cuda.synchronize()
+            same = all(torch.equal(a, b) for a, b in zip(out_graph, step(x_static, False)))
+            print(f"TMA GEMMs, CUDA graph replay {i}: direct (captured) == JIT bit for bit: {same}")
+            if not same:
+                failures.append(f"TMA GEMMs, graph replay {i}: captured direct launch and JIT outputs differ")
+    failures += [f"TMA GEMMs warning: {w.message}" for w in caught]
+    for name in ("gemm", "dx_da"):
+        entries = [e for e in lt._LAUNCH[name].compiled.values()]
+        tiled = sum(bool(e and e[4]) for e in entries)
+        maps = sum(len(m.maps) for e in entries if e for m in e[4].values() if isinstance(m, launch._TensorMaps))
+        print(f"{name}: {len(entries)} entries, {tiled} with descriptors, {maps} tensor maps kept; launches "
+              f"{lt._LAUNCH[name].launches}")
+        if not tiled:
+            failures.append(f"{name}: no direct-launch entry takes TMA descriptors")
+    for direct in (False, True):
+        step(x, direct)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(200):
+            step(x, direct)
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        print(f"host us per fused forward + backward ({'direct' if direct else 'JIT'}): {(t1 - t0) / 200 * 1e6:.1f} "
+              f"(wall {(time.perf_counter() - t0) / 200 * 1e6:.1f})")
+    for la in launchers:
+        la.enabled = True
+    return failures
 
 
 def main() -> int:
@@ -103,6 +172,7 @@ def main() -> int:
         print(f"host us per call, {name}: JIT {jit_host:.1f} (wall {jit_wall:.1f}), "
               f"direct {direct_host:.1f} (wall {direct_wall:.1f}): {jit_host / direct_host:.1f}x")
     lg.LAUNCHER.enabled = True
+    failures += check_tma_gemm()
 
     for f in failures:
         print("FAIL:", f)

@@ -1,8 +1,10 @@
 """Timing and memory helpers shared by the benchmark sections: CUDA events, interleaved medians, peak memory."""
 from __future__ import annotations
 
+import json
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -94,3 +96,20 @@ def gpu_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name().replace("NVIDIA ", "").replace(" ", "-").lower()
     return "cpu"
+
+
+def apply_train_tiles(path: str | None, tma: bool = True) -> dict:
+    """The fused training kernels (lora_train_triton) with the tiles a `benchmarks/tune_train.py --out` JSON picked
+    per layer shape and pass (the passes it did not sweep keep theirs); `tma` False: pointer loads instead of TMA
+    descriptors. Returns what was applied, for the results file."""
+    from lora_engine.kernels import lora_train_triton as lt
+    lt.TMA = tma
+    if not path:
+        return {}
+    tiles = json.loads(Path(path).read_text())["tuned"]
+    for shape, passes in tiles.items():
+        n_in, n_out = map(int, shape.split("x"))
+        for which, cfg in passes.items():
+            if which in lt.DEFAULTS:  # (the timings sit beside the tiles)
+                lt.set_config(n_in, n_out, which, cfg)
+    return tiles

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_train import _step_fn, _trainer, pytorch_path  # noqa: E402
-from benchmarks.harness import time_once  # noqa: E402
+from benchmarks.harness import apply_train_tiles, time_once  # noqa: E402
 from benchmarks.models import add_ours, add_peft, build_base, gpt_config  # noqa: E402
 from benchmarks.profile_train import host_ms  # noqa: E402
 from benchmarks.tune_train import SHAPES, Case  # noqa: E402
@@ -148,7 +148,10 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=30, help="functions listed per table")
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--no-layers", action="store_true", help="skip the per-layer table")
+    ap.add_argument("--train-tiles", default=None, help="a tune_train.py --out JSON: the fused kernels at its tiles")
+    ap.add_argument("--no-tma", action="store_true", help="the fused GEMMs through pointer loads, not TMA")
     args = ap.parse_args()
+    apply_train_tiles(args.train_tiles, tma=not args.no_tma)
     torch.backends.cuda.matmul.allow_tf32 = False
     if not args.no_layers:
         try:

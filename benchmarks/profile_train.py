@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_train import _step_fn, _trainer, pytorch_path  # noqa: E402
-from benchmarks.harness import time_once  # noqa: E402
+from benchmarks.harness import apply_train_tiles, time_once  # noqa: E402
 from benchmarks.models import add_ours, add_peft, build_base, gpt_config  # noqa: E402
 from lora_engine import LoRALayer, compiled_op, lora_layers  # noqa: E402
 
@@ -47,7 +47,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tables", action="store_true", help="print the profiler's top-op tables too")
     ap.add_argument("--compiled", action="store_true", help="profile the torch.compile'd steps instead")
+    ap.add_argument("--train-tiles", default=None, help="a tune_train.py --out JSON: the fused kernels at its tiles")
+    ap.add_argument("--no-tma", action="store_true", help="the fused GEMMs through pointer loads, not TMA")
     args = ap.parse_args()
+    apply_train_tiles(args.train_tiles, tma=not args.no_tma)
     torch.backends.cuda.matmul.allow_tf32 = False
     cfg = gpt_config()
     base = build_base(cfg, "cuda", torch.float32)

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import bench_inference, bench_merge, bench_train, checks, report  # noqa: E402
-from benchmarks.harness import gpu_name  # noqa: E402
+from benchmarks.harness import apply_train_tiles, gpu_name  # noqa: E402
 
 SECTIONS = {"checks": checks.run, "merge": bench_merge.run, "inference": bench_inference.run, "train": bench_train.run}
 
@@ -83,6 +83,8 @@ def main() -> None:
                                                         "merge tile and unmerge tile (over merge_triton.CONFIG)")
     ap.add_argument("--train-tiles", default=None, help="a tune_train.py --out JSON: the fused training kernels with "
                                                         "its best tiles per shape and pass (over lora_train_triton.TUNED)")
+    ap.add_argument("--no-tma", action="store_true", help="the fused training GEMMs load through pointers, not TMA "
+                                                          "descriptors (to compare)")
     args = ap.parse_args()
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -104,15 +106,9 @@ def main() -> None:
                  if k in merge_triton.CONFIG}
         merge_triton.CONFIG.update(tiles)
         res["merge_tiles"] = tiles
-    if args.train_tiles:
-        from lora_engine.kernels import lora_train_triton
-        tiles = json.loads(Path(args.train_tiles).read_text())["tuned"]
-        for shape, passes in tiles.items():
-            n_in, n_out = map(int, shape.split("x"))
-            for which, cfg in passes.items():
-                if which in lora_train_triton.DEFAULTS:  # (the timings sit beside the tiles)
-                    lora_train_triton.set_config(n_in, n_out, which, cfg)
-        res["train_tiles"] = tiles
+    if args.train_tiles or args.no_tma:
+        res["train_tiles"] = apply_train_tiles(args.train_tiles, tma=not args.no_tma)
+        res["train_tma"] = not args.no_tma
     wanted = args.only or (list(SECTIONS) + ["unifiedvoice"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
