@@ -39,8 +39,8 @@ class Tiled(NamedTuple):
     """A 2-D tensor a TMA kernel reads or writes in `block` tiles: the fields of Triton's host TensorDescriptor
     (elements of `base` at base + i strides[0] + j strides[1], strides[1] == 1), which is built only where Triton's
     own launch needs one. Trap: for a kernel with descriptor arguments, triton 3.6 wraps the C launch in Python that
-    turns every descriptor into a CUtensorMap on every launch (make_tensordesc_arg: the driver's
-    cuTensorMapEncodeTiled, ~the cost of a launch; two fresh ones per fused GEMM). A direct launch keeps the maps
+    turns every descriptor into a CUtensorMap on every launch (make_tensordesc_arg: a TensorDescriptor's checks,
+    then the driver's cuTensorMapEncodeTiled; three per fused GEMM). A direct launch keeps the maps
     instead, keyed on what they encode (address, shape, strides): the same activation buffers come back every
     step from PyTorch's caching allocator, the weights never move."""
     base: Tensor
