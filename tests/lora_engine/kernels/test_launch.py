@@ -156,8 +156,12 @@ def test_direct_launch_calls_the_c_launcher_only_where_run_adds_nothing(monkeypa
         assert log[1][1] == (3, 1, 1, 7, "function", "packed_metadata", None, None, None, *tail)
 
 
+needs_descriptors = pytest.mark.skipif(launch.TensorDescriptor is None,
+                                       reason="this triton has no host tensor descriptors")
+
+
 @needs_triton
-@pytest.mark.skipif(launch.TensorDescriptor is None, reason="this triton has no host tensor descriptors")
+@needs_descriptors
 def test_tiled_key_separates_exactly_what_triton_specializes_a_descriptor_on():
     """A descriptor is specialized on its dtype and block (its type, "tensordesc<bf16[128, 64]>"), not its address,
     shape or strides (runtime arguments)."""
@@ -201,12 +205,11 @@ class _TMAKernel(_FakeCompiled):
 
 
 @needs_triton
+@needs_descriptors
 def test_direct_launch_of_a_tma_kernel_encodes_each_tensor_map_once(monkeypatch):
     """triton 3.6, a Tiled argument: JIT gets the TensorDescriptor; direct launches call the C launch under 3.6's
     wrapper with (CUtensorMap, *shape, *strides) in the descriptor's place, encoded once per address, shape and
     strides with the kernel's own metadata, and again when any of them changes."""
-    if launch.TensorDescriptor is None:
-        pytest.skip("this triton has no host tensor descriptors")
     log, encoded = [], []
     compiled = _TMAKernel(log)
 
