@@ -17,6 +17,7 @@ launch, not the GPU work, is what the host pays for (~20 us each on the H100's h
 xr is x rounded to the compute dtype as autocast rounds it; h, u are rounded to it (as the cuBLAS path stores
 them). Products accumulate in fp32; y and dx are rounded once. W(k, n) is read through strides, so the kept cast
 base ([out, in]) and a 16-bit base stored as nn.Linear ([out, in]) or transformers Conv1D ([in, out]) all work.
+On Hopper the two GEMMs read a and W (and write a 16-bit output) through TMA tensor descriptors (_operands).
 The GEMMs' main loops hold the base product alone: with h accumulated beside it (a second tl.dot per step) they
 ran 2-5x slower than cuBLAS (NOTES.md (26)). dA and dB: each program owns a block of dA's
 columns or dB's rows and sums all M rows in a fixed order (the same bits on every run, which exact resume needs).
@@ -265,7 +266,7 @@ def set_config(in_dim: int, out_dim: int, which: str, config: dict | None) -> No
 # pass's BLOCK_F and BLOCK_M (as BLOCK_MS) for its factor-gradient programs
 MERGED = {"u_db": "rows", "dx_da": "dx"}
 MERGED_BACKWARD = True  # False: lora_backward takes the three separate launches
-TMA = True  # False: the GEMMs load through pointers (the benchmarks compare; set for good once a TMA launch failed)
+TMA = True  # False: the GEMMs load through pointers (benchmarks compare: --no-tma); tiles that failed: _TMA_FAILED
 
 
 def _tiles(in_dim: int, out_dim: int, which: str) -> dict:
