@@ -12,7 +12,9 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import traceback
+import zipfile
 from pathlib import Path
 
 import torch
@@ -36,11 +38,24 @@ def versions() -> dict:
     return out
 
 
+def uv_site_path(uv_site: str) -> str:
+    """`--uv-site` as a PYTHONPATH entry: a site directory as it is, or a folder of wheels (what
+    benchmarks/fetch_uv_wheels.sh downloads) unpacked once into a temporary site directory."""
+    wheels = sorted(Path(uv_site).glob("*.whl"))
+    if not wheels:
+        return uv_site
+    site = Path(tempfile.mkdtemp(prefix="uv-site-"))
+    for wheel in wheels:  # a wheel is a zip of its site-packages tree: unpacking it is installing it --no-deps
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extractall(site)
+    return str(site)
+
+
 def unifiedvoice_row(res: dict, args) -> None:
     """The full-size UnifiedVoice memory row, in a subprocess with upstream's transformers on PYTHONPATH."""
     env = dict(os.environ)
     if args.uv_site:
-        env["PYTHONPATH"] = os.pathsep.join([args.uv_site, str(ROOT)])
+        env["PYTHONPATH"] = os.pathsep.join([uv_site_path(args.uv_site), str(ROOT)])
     rows = {}
     for ckpt in (False, True):
         cmd = [sys.executable, str(ROOT / "benchmarks" / "unifiedvoice_memory.py")] + (["--tiny"] if args.tiny else [])
@@ -48,7 +63,9 @@ def unifiedvoice_row(res: dict, args) -> None:
                            timeout=600)
         line = next((l for l in reversed(p.stdout.splitlines()) if l.startswith("{")), None)
         if p.returncode or line is None:
-            raise RuntimeError(f"unifiedvoice_memory.py failed (rc {p.returncode}): {p.stderr[-1500:]}")
+            hint = ("" if "No module named 'indextts'" not in p.stderr else " -- upstream IndexTTS2 is not importable: "
+                    "pass --uv-site (a site directory, or the wheels benchmarks/fetch_uv_wheels.sh downloads)")
+            raise RuntimeError(f"unifiedvoice_memory.py failed (rc {p.returncode}){hint}: {p.stderr[-1500:]}")
         rows["checkpointing" if ckpt else "no_checkpointing"] = json.loads(line)
     res["unifiedvoice"] = rows
     for name, row in rows.items():
@@ -74,7 +91,9 @@ def main() -> None:
                     help="compiled training: time only these of the other compiled_op.FORMS beside the default")
     ap.add_argument("--restore-cycles", type=int, default=1000)
     ap.add_argument("--restore-budget-s", type=float, default=60.0)
-    ap.add_argument("--uv-site", default=os.environ.get("UV_SITE"), help="PYTHONPATH entry with indextts + transformers 4.52")
+    ap.add_argument("--uv-site", default=os.environ.get("UV_SITE"),
+                    help="for the UnifiedVoice row: a PYTHONPATH entry with indextts + transformers 4.52, or a folder "
+                         "of their wheels (benchmarks/fetch_uv_wheels.sh); default $UV_SITE")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--tag", default="")
     ap.add_argument("--gemv-tiles", default=None, help="a tune_gemv.py --out JSON: decode with its least-time tiles "
