@@ -38,35 +38,38 @@ def versions() -> dict:
     return out
 
 
-def uv_site_path(uv_site: str) -> str:
+def uv_site_path(uv_site: str, scratch: Path) -> str:
     """`--uv-site` as a PYTHONPATH entry: a site directory as it is, or a folder of wheels (what
-    benchmarks/fetch_uv_wheels.sh downloads) unpacked once into a temporary site directory."""
+    benchmarks/fetch_uv_wheels.sh downloads) unpacked into `scratch`."""
     wheels = sorted(Path(uv_site).glob("*.whl"))
     if not wheels:
         return uv_site
-    site = Path(tempfile.mkdtemp(prefix="uv-site-"))
     for wheel in wheels:  # a wheel is a zip of its site-packages tree: unpacking it is installing it --no-deps
         with zipfile.ZipFile(wheel) as zf:
-            zf.extractall(site)
-    return str(site)
+            zf.extractall(scratch)
+    return str(scratch)
+
+
+def _uv_memory(env: dict, checkpointing: bool, tiny: bool) -> dict:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "unifiedvoice_memory.py")] + (["--tiny"] if tiny else [])
+    p = subprocess.run(cmd + (["--checkpointing"] if checkpointing else []), env=env, capture_output=True, text=True,
+                       timeout=600)
+    line = next((l for l in reversed(p.stdout.splitlines()) if l.startswith("{")), None)
+    if p.returncode or line is None:
+        hint = ("" if "No module named 'indextts'" not in p.stderr else " -- upstream IndexTTS2 is not importable: "
+                "pass --uv-site (a site directory, or the wheels benchmarks/fetch_uv_wheels.sh downloads)")
+        raise RuntimeError(f"unifiedvoice_memory.py failed (rc {p.returncode}){hint}: {p.stderr[-1500:]}")
+    return json.loads(line)
 
 
 def unifiedvoice_row(res: dict, args) -> None:
     """The full-size UnifiedVoice memory row, in a subprocess with upstream's transformers on PYTHONPATH."""
     env = dict(os.environ)
-    if args.uv_site:
-        env["PYTHONPATH"] = os.pathsep.join([uv_site_path(args.uv_site), str(ROOT)])
-    rows = {}
-    for ckpt in (False, True):
-        cmd = [sys.executable, str(ROOT / "benchmarks" / "unifiedvoice_memory.py")] + (["--tiny"] if args.tiny else [])
-        p = subprocess.run(cmd + (["--checkpointing"] if ckpt else []), env=env, capture_output=True, text=True,
-                           timeout=600)
-        line = next((l for l in reversed(p.stdout.splitlines()) if l.startswith("{")), None)
-        if p.returncode or line is None:
-            hint = ("" if "No module named 'indextts'" not in p.stderr else " -- upstream IndexTTS2 is not importable: "
-                    "pass --uv-site (a site directory, or the wheels benchmarks/fetch_uv_wheels.sh downloads)")
-            raise RuntimeError(f"unifiedvoice_memory.py failed (rc {p.returncode}){hint}: {p.stderr[-1500:]}")
-        rows["checkpointing" if ckpt else "no_checkpointing"] = json.loads(line)
+    with tempfile.TemporaryDirectory(prefix="uv-site-") as scratch:  # unpacked wheels, removed after the row
+        if args.uv_site:
+            env["PYTHONPATH"] = os.pathsep.join([uv_site_path(args.uv_site, Path(scratch)), str(ROOT)])
+        rows = {("checkpointing" if ckpt else "no_checkpointing"): _uv_memory(env, ckpt, args.tiny)
+                for ckpt in (False, True)}
     res["unifiedvoice"] = rows
     for name, row in rows.items():
         key = "unifiedvoice_train_peak_gb" + ("" if name == "checkpointing" else "_no_checkpointing")

@@ -15,14 +15,14 @@ def _wheel(path, package, source):
 
 def test_a_site_directory_passes_through(tmp_path):
     (tmp_path / "pkg").mkdir()
-    assert uv_site_path(str(tmp_path)) == str(tmp_path)
+    assert uv_site_path(str(tmp_path), tmp_path / "scratch") == str(tmp_path)
 
 
 def test_a_folder_of_wheels_is_unpacked_into_an_importable_site(tmp_path):
     _wheel(tmp_path / "uvfake_a-1.0-py3-none-any.whl", "uvfake_a", "VALUE = 'a'\n")
     _wheel(tmp_path / "uvfake_b-1.0-py3-none-any.whl", "uvfake_b", "from uvfake_a import VALUE\nBOTH = VALUE + 'b'\n")
-    site = uv_site_path(str(tmp_path))
-    assert site != str(tmp_path)
+    site = uv_site_path(str(tmp_path), tmp_path / "scratch")
+    assert site == str(tmp_path / "scratch")
     out = subprocess.run([sys.executable, "-c", "import importlib.metadata as m, uvfake_b; "
                           "print(uvfake_b.BOTH, m.version('uvfake_a'))"],
                          env={"PYTHONPATH": site}, capture_output=True, text=True, check=True)
