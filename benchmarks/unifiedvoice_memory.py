@@ -31,7 +31,8 @@ TARGETS = ["gpt.h.*.attn.c_attn", "gpt.h.*.attn.c_proj", "gpt.h.*.mlp.c_fc", "gp
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--base-dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--base-dtype", default=None, choices=["bf16", "fp32"],
+                    help="the frozen base's storage (default: bf16 on CUDA, fp32 on the CPU)")
     ap.add_argument("--tiny", action="store_true", help="a CPU smoke test with a small config")
     ap.add_argument("--checkpointing", action="store_true",
                     help="non-reentrant activation checkpointing of the GPT blocks (train.py's gradient_checkpointing)")
@@ -42,6 +43,9 @@ def main() -> None:
     from lora_engine import LoRASpec, inject_lora, lora_layers
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    # CPU autocast leaves LayerNorm in its input's dtype, unlike CUDA's (fp32): a bf16 base there fails on
+    # fp32 activations ("mixed dtype (CPU)"), so the CPU smoke test keeps the base in fp32.
+    args.base_dtype = args.base_dtype or ("bf16" if dev == "cuda" else "fp32")
     cfg = dict(FULL_GPT)
     if args.tiny:
         cfg.update(model_dim=64, heads=4, layers=2)
