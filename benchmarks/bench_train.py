@@ -13,6 +13,7 @@ import torch
 
 from .harness import peak_step_bytes, sync, time_interleaved
 from lora_engine import LoRALayer, compiled_op, lora_layers, train_casts
+from lora_engine.training.loop import _cast_frozen  # what scripts/train.py --base-dtype bf16 does to the base
 
 from .models import add_ours, add_peft, build_base, gpt_config, lora_parameters
 
@@ -73,6 +74,8 @@ def run(res: dict, args) -> None:
                                                             mem["peft_r8"]["peak_bytes"] / 2**30, unit="GiB")
         res["ratios"]["train_peak_mem_r8_vs_frozen_floor"] = _ratio(mem["ours_r8"]["peak_bytes"] / 2**30,
                                                                     mem["frozen_floor"]["peak_bytes"] / 2**30, unit="GiB")
+    if dev == "cuda":
+        _bf16_base_memory(res, mem, base, x)
     res["ratios"]["train_eager_r8_cast_base_vs_frozen_floor"] = _ratio(t["ours_r8_cast_base"], t["frozen_floor"])
     res["ratios"]["train_eager_r8_pytorch_vs_frozen_floor"] = _ratio(t["ours_r8_pytorch"], t["frozen_floor"])
     res["ratios"]["train_eager_r8_fused_vs_pytorch"] = _ratio(t["ours_r8"], t["ours_r8_pytorch"])
@@ -112,6 +115,26 @@ def run(res: dict, args) -> None:
                                                                   ctimes["frozen_floor"]["median_ms"])
     res["ratios"]["train_compiled_peft_vs_compiled_floor"] = _ratio(ctimes["peft_r8"]["median_ms"],
                                                                     ctimes["frozen_floor"]["median_ms"])
+
+
+def _bf16_base_memory(res: dict, mem: dict, base, x) -> None:
+    """Peak memory with the frozen base stored in bf16, as `scripts/train.py --base-dtype bf16` stores it (the LoRA
+    factors and AdamW state stay fp32; under bf16 autocast the forward and backward are bit-identical to casting an
+    fp32 base in every pass). On every side: ours, PEFT and the floor, each measured after one warm-up step."""
+    for name, add in (("frozen_floor", None), ("ours_r8", add_ours), ("peft_r8", add_peft)):
+        model = copy.deepcopy(base) if add is None else add(copy.deepcopy(base), ["a0"], 8)
+        _cast_frozen(model, torch.bfloat16)
+        model, opt, step = (model, None, _step_fn(model, x, None, input_grad=True)) if add is None \
+            else _trainer(model, x)
+        step()
+        mem[f"{name}_bf16_base"] = peak_step_bytes(step, model, opt)
+        del model, opt, step
+    gib = {k: v["peak_bytes"] / 2**30 for k, v in mem.items()}
+    res["ratios"]["train_peak_mem_r8_bf16_base_vs_peft"] = _ratio(gib["ours_r8_bf16_base"], gib["peft_r8"], "GiB")
+    res["ratios"]["train_peak_mem_r8_bf16_base_vs_peft_bf16_base"] = _ratio(gib["ours_r8_bf16_base"],
+                                                                            gib["peft_r8_bf16_base"], "GiB")
+    res["ratios"]["train_peak_mem_r8_bf16_base_vs_frozen_floor_bf16_base"] = _ratio(
+        gib["ours_r8_bf16_base"], gib["frozen_floor_bf16_base"], "GiB")
 
 
 def _ratio(ours: float, ref: float, unit: str = "ms") -> dict:
